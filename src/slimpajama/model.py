@@ -1,0 +1,271 @@
+"""A Llama-architecture decoder in one file that imports only torch.
+
+RMSNorm, rotary position embeddings (Llama's "rotate half" layout), SwiGLU, grouped-query
+attention through `scaled_dot_product_attention`, optional tied embeddings, and a
+preallocated KV cache so that decoding one token costs one forward over one position.
+
+The query/key/value projections and the MLP's gate/up projections are fused into one matmul
+each (bigger matmuls run closer to peak on a CPU); `pretrained.py` splits them into
+Hugging Face's Llama parameter names on save and fuses them again on load.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class SlimPajamaConfig:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # None: n_head (multi-head); fewer: grouped-query attention
+    d_model: int = 128
+    intermediate_size: Optional[int] = None  # None: ~8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02  # GPT-2 style; PyTorch's N(0, 1) embedding init causes denormal slowdowns on CPU
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: Optional[int] = 3
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head size {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def n_query_groups(self) -> int:
+        return self.n_kv_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SlimPajamaConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim), in Llama's layout: the frequencies repeated twice."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hs); cos/sin: (T, hs) or (B, 1, T, hs)
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for `max_seq_len` positions; positions are written in place."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (T,); k, v: (B, n_kv, T, hs)
+        self.k[: k.size(0), :, input_pos] = k.to(self.k.dtype)
+        self.v[: v.size(0), :, input_pos] = v.to(self.v.dtype)
+        return self.k[: k.size(0)], self.v[: v.size(0)]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: SlimPajamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # fused [q; k; v] projection: (n_head + 2 * n_kv_head) * head_dim output rows
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs), S = cache length
+        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None,
+        )  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, config: SlimPajamaConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: SlimPajamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: SlimPajamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # residual projections scaled down with depth (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 N plus attention's 12 L d T (PaLM appendix B)."""
+        c = self.config
+        seq_len = seq_len or c.max_seq_len
+        n = self.num_params() - self.embed_tokens.weight.numel() * (not c.tie_embeddings)  # lookups are free
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None):
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.cos.size(0):
+            raise ValueError(f"KV cache of {max_seq_len} positions exceeds model.max_seq_len={self.cos.size(0)}")
+        p = self.lm_head.weight
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(
+                batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim, dtype or p.dtype, p.device
+            )
+
+    def clear_kv_cache(self):
+        for block in self.layers:
+            block.self_attn.kv_cache = None
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+    ):
+        """idx: (B, T) token ids -> logits (B, T, vocab).
+
+        Training / full forward: input_pos None, causal attention over the T positions.
+        Decoding with the KV cache: input_pos (T,) are the cache slots written by this call; keys at
+        slots beyond max(input_pos) are masked, so a prefill and each one-token step share one path.
+        attention_mask (B, S) marks real (1) vs padding (0) key positions (S = T, or cache length);
+        position_ids (B, T) give rotary positions when they differ from the slots (left padding).
+        """
+        B, T = idx.shape
+        mask = None
+        if input_pos is not None:
+            kv_len = self.layers[0].self_attn.kv_cache.k.size(2) if self.layers[0].self_attn.kv_cache else T
+            slots = torch.arange(kv_len, device=idx.device)
+            mask = slots[None, :] <= input_pos[:, None]  # (T, S) causal over the cache
+            mask = mask[None, None]  # (1, 1, T, S)
+        elif attention_mask is not None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, : mask.size(-1)].bool()
+            # a fully masked row (a padding query) would give NaN; its output is never used
+            mask = mask | ~mask.any(-1, keepdim=True)
+        if position_ids is None and input_pos is None:
+            if T > self.cos.size(0):
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
+        elif position_ids is None:
+            cos, sin = self.cos[input_pos], self.sin[input_pos]  # (T, hs)
+        else:
+            cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hs)
+
+        x = self.embed_tokens(idx)  # (B, T, d)
+        hidden = [x] if output_hidden_states else None
+        for block in self.layers:
+            x = block(x, cos, sin, mask, input_pos)
+            if output_hidden_states:
+                hidden.append(x)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        return (logits, hidden) if output_hidden_states else logits

@@ -1,0 +1,33 @@
+"""Optimizer parameter groups and the learning-rate schedule shared by every stage."""
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on >= 2-D weights (matmuls, embeddings), not on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, decay, no_decay = set(), [], []
+    for p in params:
+        if id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
+    """Linear warm-up from 0 to the base lr over `warmup_steps`, then cosine decay to
+    `min_lr_ratio * lr` at `max_steps` (held there after)."""
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(f"warmup_cosine needs a positive max_steps (trainer.max_steps), got {max_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

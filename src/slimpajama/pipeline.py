@@ -1,0 +1,115 @@
+"""run(cfg): build data, stage module, callbacks, loggers and trainer from config; fit; save.
+
+Every stage goes through here. A stage's config group (`conf/stage/*.yaml`) names its
+LightningModule; the module exposes the model it trains as `.model`, which is saved with
+`save_pretrained` into the run folder and published as `logs/latest/<stage>`.
+"""
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _objects(group: Optional[DictConfig]) -> list:
+    """Instantiate every `_target_` entry of a config group such as callbacks or logger."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def latest_link(cfg: DictConfig, stage: str) -> Path:
+    return Path(cfg.paths.log_dir) / "latest" / stage
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    """`ckpt_path=last`: the newest `checkpoints/last.ckpt` of any earlier run of this stage."""
+    if cfg.ckpt_path != "last":
+        if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return cfg.ckpt_path
+    runs = Path(cfg.paths.log_dir) / cfg.task_name
+    candidates = [p for p in runs.glob("**/checkpoints/last.ckpt") if Path(cfg.paths.output_dir) not in p.parents]
+    if not candidates:
+        raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs}")
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    log.info("resuming from %s", newest)
+    return str(newest)
+
+
+@rank_zero_only
+def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: dict) -> None:
+    out = Path(cfg.paths.output_dir)
+    model_dir = out / "model"
+    module.model.save_pretrained(model_dir)
+    tokenizer = datamodule.tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    link = latest_link(cfg, cfg.task_name)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(link.name + f".tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(out, link.parent))
+    os.replace(tmp, link)  # atomic: the link always points at a finished run
+    log.info("saved the model to %s (%s -> %s)", model_dir, link, out)
+
+    if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
+        ids = tokenizer.encode(cfg.sample.prompt, return_tensors="pt").to(module.device)
+        out_ids = module.model.generate(
+            ids, max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
+            seed=cfg.seed,
+        )
+        log.info("sample (temperature %s): %s", cfg.sample.temperature, tokenizer.decode(out_ids[0], skip_special_tokens=True))
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    """Train the configured stage; returns `cfg.optimized_metric` for sweepers."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("flush_denormal", True):
+        torch.set_flush_denormal(True)  # denormals slow CPU matmuls 3-6x once weights get small
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+    datamodule = instantiate(cfg.data.module)
+    module = instantiate(cfg.stage.module)
+    callbacks = _objects(cfg.get("callbacks"))
+    loggers = _objects(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    n_params = module.model.num_params()
+    log.info("model: %.2fM parameters (%.2fM without embeddings)", n_params / 1e6, module.model.num_params(True) / 1e6)
+    for lg in trainer.loggers:
+        hparams = OmegaConf.to_container(cfg, resolve=True)
+        hparams["model/params"] = n_params
+        lg.log_hyperparams(hparams)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    # measure the final weights, not those of the last periodic validation
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if cfg.get("final_validation", True) else {}
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
+    metrics.update({k: float(v) for k, v in final.items()})
+    metrics.update(datamodule.metrics)
+    metrics["model/params"] = n_params
+    metrics["trainer/global_step"] = trainer.global_step
+    for lg in trainer.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "data/", "model/"))}, trainer.global_step)
+    if trainer.is_global_zero and "val/loss" in metrics:
+        log.info(
+            "final validation: loss %.4f, perplexity %.2f%s",
+            metrics["val/loss"], math.exp(metrics["val/loss"]),
+            f" (entropy-rate bound {metrics['data/entropy_rate']:.4f})" if "data/entropy_rate" in metrics else "",
+        )
+    if cfg.get("save_model", True):
+        _publish(cfg, module, datamodule, metrics)
+    return metrics.get(cfg.get("optimized_metric", "val/loss"))

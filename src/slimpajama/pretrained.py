@@ -1,0 +1,169 @@
+"""`SlimPajamaModel`: the Transformer plus Hugging Face-style save/load and `generate`.
+
+A saved folder is in Hugging Face's Llama layout (`config.json` with Llama's keys,
+`model.safetensors` with Llama's parameter names, `generation_config.json`, tokenizer files), so
+`transformers.LlamaForCausalLM.from_pretrained(folder)` reads it unchanged. Our fused `qkv` and
+`gate_up` projections are split into `q_proj/k_proj/v_proj` and `gate_proj/up_proj` on save and
+fused again on load.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimpajama.model import SlimPajamaConfig, Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+_HF_KEYS = {  # ours -> Llama's config.json
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_kv_head": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "dropout": "attention_dropout",
+}
+
+
+def config_to_hf(config: SlimPajamaConfig, dtype: torch.dtype = torch.float32) -> dict:
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    hf.update({theirs: getattr(config, ours) for ours, theirs in _HF_KEYS.items()})
+    hf.update(
+        head_dim=config.head_dim, hidden_act="silu", attention_bias=False, mlp_bias=False, rope_scaling=None,
+        pretraining_tp=1, use_cache=True, torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    return hf
+
+
+def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> SlimPajamaConfig:
+    if hf.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a Llama-layout model")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"{source}: only Llama models with silu activations and no biases are supported")
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    kwargs = {ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf}
+    kwargs["rope_theta"] = theta
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    return SlimPajamaConfig(**kwargs)
+
+
+def state_dict_to_hf(sd: dict, config: SlimPajamaConfig) -> dict:
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    out = {}
+    for name, t in sd.items():
+        if name == "lm_head.weight":
+            if not config.tie_embeddings:
+                out[name] = t
+        elif name.endswith("self_attn.qkv.weight"):
+            base = "model." + name.removesuffix("qkv.weight")
+            out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = t.split([q, kv, kv])
+        elif name.endswith("mlp.gate_up.weight"):
+            base = "model." + name.removesuffix("gate_up.weight")
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = t.chunk(2)
+        else:
+            out["model." + name] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_dict_from_hf(sd: dict, config: SlimPajamaConfig) -> dict:
+    out = {}
+    for name, t in sd.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+            continue  # fused with their q_proj / gate_proj below
+        if name.endswith("q_proj.weight"):
+            base = name.removesuffix("q_proj.weight")
+            t = torch.cat([t, sd[base + "k_proj.weight"], sd[base + "v_proj.weight"]])
+            name = base + "qkv.weight"
+        elif name.endswith("gate_proj.weight"):
+            base = name.removesuffix("gate_proj.weight")
+            t = torch.cat([t, sd[base + "up_proj.weight"]])
+            name = base + "gate_up.weight"
+        out[name.removeprefix("model.")] = t
+    if "lm_head.weight" not in out:
+        if not config.tie_embeddings:
+            raise ValueError("the checkpoint has no lm_head.weight and tie_word_embeddings is false")
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class SlimPajamaModel(Transformer):
+    """The model users load, train and generate with."""
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], generation_config: dict = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = self.lm_head.weight.dtype
+        sd = state_dict_to_hf({k: v.detach().cpu() for k, v in self.state_dict().items()}, self.config)
+        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+        hf = config_to_hf(self.config, dtype)
+        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
+               "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
+        _atomic_write(directory / GENERATION_CONFIG_FILE, lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: Union[str, os.PathLike], dtype: torch.dtype = None, device: Union[str, torch.device] = "cpu"
+    ) -> "SlimPajamaModel":
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: not a saved model folder")
+        config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
+        if (directory / WEIGHTS_FILE).is_file():
+            hf_sd = load_file(str(directory / WEIGHTS_FILE))
+        elif (directory / WEIGHTS_INDEX).is_file():  # sharded, as transformers writes large models
+            index = json.loads((directory / WEIGHTS_INDEX).read_text())
+            hf_sd = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                hf_sd.update(load_file(str(directory / shard)))
+        else:
+            raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} found")
+        with torch.device("meta"):
+            model = cls(config)
+        sd = state_dict_from_hf(hf_sd, config)
+        model.load_state_dict(sd, strict=False, assign=True)  # rope buffers are not saved
+        missing = {n for n, _ in model.named_parameters()} - set(sd)
+        if missing:
+            raise ValueError(f"{directory / WEIGHTS_FILE}: missing weights {sorted(missing)[:5]}")
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        from slimpajama.model import rope_cache
+
+        model.cos, model.sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta)
+        model.generation_config = {}
+        if (directory / GENERATION_CONFIG_FILE).is_file():
+            model.generation_config = json.loads((directory / GENERATION_CONFIG_FILE).read_text())
+        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        return model.eval()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        from slimpajama.generation import generate
+
+        defaults = getattr(self, "generation_config", {}) or {}
+        return generate(self, input_ids, **{**defaults, **kwargs})

@@ -1,0 +1,1 @@
+"""One LightningModule per stage; each holds the model it trains as `.model`."""

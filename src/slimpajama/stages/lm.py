@@ -1,0 +1,68 @@
+"""Language modelling (pretraining): next-token cross-entropy on packed token blocks."""
+
+import logging
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from slimpajama.losses import lm_loss
+from slimpajama.model import SlimPajamaConfig
+from slimpajama.optim import param_groups
+from slimpajama.pretrained import SlimPajamaModel
+
+log = logging.getLogger(__name__)
+
+
+class LanguageModelModule(L.LightningModule):
+    def __init__(
+        self,
+        model: SlimPajamaConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+        init_from: Optional[str] = None,
+    ):
+        """model: the architecture; optimizer/scheduler: partials completed in configure_optimizers;
+        init_from: a saved model folder to start from instead of random weights."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        if init_from:
+            self.model = SlimPajamaModel.from_pretrained(init_from).train()
+            log.info("initialised from %s", init_from)
+        else:
+            self.model = SlimPajamaModel(model)
+        self.val_loss = MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = batch.long()
+        x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and next-token targets
+        return lm_loss(self.model(x), y), y.numel()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, n = self._loss(batch)
+        self.val_loss.update(loss, weight=n)  # mean over tokens, not batches
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        groups = param_groups(self.model, weight_decay=self.optimizer_factory.keywords.get("weight_decay", 0.0))
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

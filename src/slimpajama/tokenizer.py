@@ -1,0 +1,225 @@
+"""SentencePiece BPE tokenizer with a Hugging Face-style API.
+
+Ids 0-3 are `<unk>`, `<s>`, `</s>`, `<pad>` (Llama's order, plus a pad token); control tokens such
+as `<|style:formal|>` are SentencePiece user-defined symbols, so they are always single tokens.
+Byte fallback and the identity normaliser make `decode(encode(text)) == text` for any Unicode text.
+The saved folder (`tokenizer.model` + `tokenizer_config.json`) also loads with
+`transformers.AutoTokenizer` as a `LlamaTokenizer`.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import sentencepiece as spm
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+MODEL_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
+
+
+class BatchEncoding(dict):
+    """A dict of `input_ids` and `attention_mask` whose keys also read as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+class SlimPajamaTokenizer:
+    def __init__(self, model_proto: bytes, control_tokens: Sequence[str] = (), model_max_length: int = 2048):
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._proto = model_proto
+        self.control_tokens = list(control_tokens)
+        self.model_max_length = model_max_length
+        self.padding_side = "right"
+        for name, piece in SPECIAL_TOKENS.items():
+            setattr(self, name, piece)
+        self.unk_token_id, self.bos_token_id = self.sp.unk_id(), self.sp.bos_id()
+        self.eos_token_id, self.pad_token_id = self.sp.eos_id(), self.sp.pad_id()
+        missing = [t for t in self.control_tokens if self.sp.piece_to_id(t) == self.unk_token_id]
+        if missing:
+            raise ValueError(f"control tokens {missing} are not in the SentencePiece model")
+        self.control_token_ids = [self.sp.piece_to_id(t) for t in self.control_tokens]
+        self.all_special_ids = sorted(
+            {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id, *self.control_token_ids}
+        )
+
+    # ---- training -------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        control_tokens: Sequence[str] = (),
+        character_coverage: float = 0.9995,
+        max_sentence_bytes: int = 8192,
+        num_threads: Optional[int] = None,
+        model_max_length: int = 2048,
+    ) -> "SlimPajamaTokenizer":
+        """Train BPE with byte fallback on `texts` (documents; split into lines for the trainer)."""
+
+        def sentences():
+            for text in texts:
+                for line in text.split("\n"):
+                    while line:  # the trainer silently drops longer sentences: cut them instead
+                        piece, line = line[: max_sentence_bytes // 4], line[max_sentence_bytes // 4 :]
+                        if piece.strip():
+                            yield piece
+
+        model = _BytesWriter()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",  # exact round trips: no NFKC, no whitespace folding
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,  # code indentation becomes a few tokens, not many
+            user_defined_symbols=["\n", *control_tokens],
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            max_sentence_length=max_sentence_bytes,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        return cls(model.data, control_tokens, model_max_length)
+
+    # ---- encoding -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True):
+        ids = self.sp.encode(text)
+        if add_special_tokens:
+            ids = [self.bos_token_id] + ids
+        if return_tensors == "pt":
+            return torch.tensor([ids], dtype=torch.long)
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None or 'pt')")
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        """Fast multi-threaded encoding of many texts (for corpus tokenization)."""
+        return self.sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
+
+    def __call__(
+        self,
+        text: Union[str, Sequence[str]],
+        padding: Union[bool, str] = False,
+        truncation: bool = False,
+        max_length: Optional[int] = None,
+        return_tensors: Optional[str] = None,
+        add_special_tokens: bool = True,
+        padding_side: Optional[str] = None,
+    ) -> BatchEncoding:
+        single = isinstance(text, str)
+        batch = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([text] if single else text)]
+        if truncation:
+            if max_length is None:
+                max_length = self.model_max_length
+            batch = [ids[:max_length] for ids in batch]
+        if padding in (True, "longest", "max_length"):
+            width = max(len(ids) for ids in batch)
+            if padding == "max_length":
+                if max_length is None:
+                    raise ValueError("padding='max_length' needs max_length")
+                width = max_length
+            side = padding_side or self.padding_side
+            masks = []
+            for i, ids in enumerate(batch):
+                pad = [self.pad_token_id] * (width - len(ids))
+                masks.append([0] * len(pad) + [1] * len(ids) if side == "left" else [1] * len(ids) + [0] * len(pad))
+                batch[i] = pad + ids if side == "left" else ids + pad
+        else:
+            masks = [[1] * len(ids) for ids in batch]
+        if return_tensors == "pt":
+            if len({len(ids) for ids in batch}) > 1:
+                raise ValueError("sequences differ in length: pass padding=True to return tensors")
+            return BatchEncoding(input_ids=torch.tensor(batch), attention_mask=torch.tensor(masks))
+        if single:
+            return BatchEncoding(input_ids=batch[0], attention_mask=masks[0])
+        return BatchEncoding(input_ids=batch, attention_mask=masks)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if skip_special_tokens:
+            special = set(self.all_special_ids)
+            ids = [i for i in ids if i not in special]
+        # ids past the tokenizer (the model's vocab may be padded) decode to nothing
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    def convert_ids_to_tokens(self, ids):
+        return self.sp.id_to_piece(ids)
+
+    def convert_tokens_to_ids(self, tokens):
+        return self.sp.piece_to_id(tokens)
+
+    # ---- files ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MODEL_FILE).write_bytes(self._proto)
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "legacy": False,
+            "add_bos_token": True,  # as our encode(add_special_tokens=True)
+            "add_eos_token": False,
+            "add_prefix_space": None,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "padding_side": self.padding_side,
+            "sp_model_kwargs": {},
+            **SPECIAL_TOKENS,
+            "additional_special_tokens": self.control_tokens,
+            "slimpajama_control_tokens": self.control_tokens,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        special_map = {**SPECIAL_TOKENS, "additional_special_tokens": self.control_tokens}
+        (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "SlimPajamaTokenizer":
+        directory = Path(directory)
+        model_file = directory / MODEL_FILE
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{model_file} not found: not a saved SlimPajama tokenizer folder")
+        config = {}
+        if (directory / CONFIG_FILE).is_file():
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        return cls(
+            model_file.read_bytes(),
+            control_tokens=config.get("slimpajama_control_tokens", config.get("additional_special_tokens", [])),
+            model_max_length=config.get("model_max_length", 2048),
+        )
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self._proto).hexdigest()[:16]
+
+
+class _BytesWriter:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, b: bytes) -> int:
+        self.data += b
+        return len(b)

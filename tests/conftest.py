@@ -1,0 +1,91 @@
+"""Shared fixtures: a generated multi-source corpus and composed Hydra configs on tmp folders."""
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from slimpajama.data.reader import write_jsonl_zst
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SLIMPAJAMA_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SYLLABLES = "ka lo mi re su ta ne vo pi da go lu be si ra no ve ti mo za".split()
+HANZI = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你"
+
+
+def fake_words(rng: random.Random, n: int, vocab: list[str]) -> str:
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def make_corpus(directory: Path, docs_per_source: int = 60, seed: int = 0) -> Path:
+    """Three sources with different vocabularies, as SlimPajama-format jsonl.zst and .jsonl files."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+    sources = {
+        "alpha": (words[:150], ".jsonl.zst"),
+        "beta": (words[150:], ".jsonl.zst"),
+        "gamma": ([c for c in HANZI], ".jsonl"),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (vocab, suffix) in sources.items():
+        docs = [(fake_words(rng, rng.randint(80, 200), vocab) + ".", name) for _ in range(docs_per_source)]
+        path = directory / name / f"part-0{suffix}"
+        path.parent.mkdir(exist_ok=True)
+        if suffix == ".jsonl.zst":
+            write_jsonl_zst(str(path), docs)
+        else:
+            import json
+
+            path.write_text("".join(json.dumps({"text": t, "meta": {"redpajama_set_name": s}}) + "\n" for t, s in docs))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = None):
+    """The real config, composed with test overrides, with run/log/data folders under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.data_dir = str(data_dir or tmp_path / "data")
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+TINY = [
+    "model=nano",
+    "data=custom",
+    "data.vocab_size=384",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_fraction=0.1",
+    "logger=csv",
+    "callbacks=none",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "sample.max_new_tokens=8",
+]
+
+
+@pytest.fixture
+def tiny_overrides(corpus_dir) -> list[str]:
+    return TINY + [f"data.paths=[{corpus_dir}]"]
