@@ -52,7 +52,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = None):
+def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = None, output_dir: Path | None = None):
     """The real config, composed with test overrides, with run/log/data folders under tmp_path."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -60,8 +60,8 @@ def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = No
     with open_dict(cfg):
         cfg.paths.log_dir = str(tmp_path / "logs")
         cfg.paths.data_dir = str(data_dir or tmp_path / "data")
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.paths.output_dir = str(output_dir or tmp_path / "run")
+        cfg.hydra.runtime.output_dir = cfg.paths.output_dir
         cfg.hydra.job.num = 0
     HydraConfig().set_config(cfg)
     return cfg
@@ -81,7 +81,6 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
     "sample.max_new_tokens=8",
 ]
 

@@ -75,6 +75,8 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
 
 def run(cfg: DictConfig) -> Optional[float]:
     """Train the configured stage; returns `cfg.optimized_metric` for sweepers."""
+    for name in ("litdata", "litdata.streaming.dataset", "litdata.utilities.format"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # chatty INFO on every dataset open
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("flush_denormal", True):
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls 3-6x once weights get small
@@ -94,11 +96,10 @@ def run(cfg: DictConfig) -> Optional[float]:
         lg.log_hyperparams(hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
-    # measure the final weights, not those of the last periodic validation
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if cfg.get("final_validation", True) else {}
-
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
-    metrics.update({k: float(v) for k, v in final.items()})
+    if cfg.get("final_validation", True):  # measure the final weights, not those of the last periodic validation
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics.update({k: float(v) for k, v in final.items()})
     metrics.update(datamodule.metrics)
     metrics["model/params"] = n_params
     metrics["trainer/global_step"] = trainer.global_step

@@ -26,7 +26,8 @@ class LanguageModelModule(L.LightningModule):
         """model: the architecture; optimizer/scheduler: partials completed in configure_optimizers;
         init_from: a saved model folder to start from instead of random weights."""
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # plain types only: checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"model": model.to_dict(), "init_from": init_from})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         if init_from:
             self.model = SlimPajamaModel.from_pretrained(init_from).train()

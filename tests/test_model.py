@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimpajama import SlimPajamaConfig, SlimPajamaModel
+from slimpajama.model import apply_rope
+
+
+def tiny(**kw) -> SlimPajamaConfig:
+    return SlimPajamaConfig(**{"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32,
+                               "intermediate_size": 64, "max_seq_len": 48, **kw})
+
+
+def manual_attention(attn, x, cos, sin):
+    """Textbook causal attention with explicit softmax, for comparison with SDPA."""
+    B, T, _ = x.shape
+    q, k, v = attn.qkv(x).split([attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim,
+                                 attn.n_kv_head * attn.head_dim], dim=-1)
+    q = apply_rope(q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2), cos, sin)
+    k = apply_rope(k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2), cos, sin)
+    v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    rep = attn.n_head // attn.n_kv_head
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = scores.softmax(-1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_sdpa_equals_manual_attention(n_kv_head):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(n_kv_head=n_kv_head)).eval()
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 11, 32)
+    cos, sin = model.cos[:11], model.sin[:11]
+    torch.testing.assert_close(attn(x, cos, sin), manual_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+def test_later_token_never_changes_earlier_logits():
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    torch.testing.assert_close(model(x)[:, :12], model(y)[:, :12])
+    assert not torch.allclose(model(x)[:, 12:], model(y)[:, 12:])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_kv_cache_decoding_equals_full_forward(tie):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(tie_embeddings=tie)).eval()
+    x = torch.randint(0, 97, (3, 30))
+    full = model(x)
+    model.setup_kv_cache(batch_size=3, max_seq_len=48)
+    steps = [model(x[:, :17], input_pos=torch.arange(17))]  # prefill
+    for t in range(17, 30):  # one position per step
+        steps.append(model(x[:, t : t + 1], input_pos=torch.tensor([t])))
+    model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_matches_argmax_of_full_forward():
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=-1)
+    assert out.shape == (1, 15) and torch.equal(out[:, :5], prompt)
+    for t in range(5, 15):  # each new token is the argmax given everything before it
+        assert out[0, t] == model(out[:, :t])[0, -1].argmax()
+
+
+def test_attention_mask_hides_left_padding():
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    x = torch.randint(4, 97, (1, 9))
+    padded = torch.cat([torch.full((1, 3), 3), x], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 9)], 1).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(model(padded, attention_mask=mask, position_ids=pos)[:, 3:], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_roundtrip_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json"}
+    loaded = SlimPajamaModel.from_pretrained(tmp_path)
+    x = torch.randint(0, 97, (2, 16))
+    assert torch.equal(model(x), loaded(x))
+    assert loaded.config == model.config
+
+
+def test_saved_folder_uses_llama_layout(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    model = SlimPajamaModel(tiny())
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (32, 2, 4, 2)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    for name in ["q_proj", "k_proj", "v_proj", "o_proj"]:
+        assert f"model.layers.1.self_attn.{name}.weight" in keys
+    for name in ["gate_proj", "up_proj", "down_proj"]:
+        assert f"model.layers.0.mlp.{name}.weight" in keys
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= keys
+
+
+def test_transformers_llama_gives_identical_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(tie_embeddings=True)).eval()
+    model.save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_input_is_refused():
+    model = SlimPajamaModel(tiny())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_bad_config_names_the_key():
+    with pytest.raises(ValueError, match="model.n_kv_head"):
+        SlimPajamaConfig(n_head=4, n_kv_head=3, d_model=32)
+
+
+def test_param_count_and_flops():
+    c = tiny()
+    model = SlimPajamaModel(c)
+    per_layer = 32 * (4 + 2 * 2) * 8 + 32 * 32 + 3 * 32 * 64 + 2 * 32
+    expected = 2 * 97 * 32 + 2 * per_layer + 32
+    assert model.num_params() == expected
+    assert model.num_params(non_embedding=True) == expected - 2 * 97 * 32
+    assert model.flops_per_token(16) == 6 * (expected - 97 * 32) + 12 * 2 * 4 * 8 * 16
+
+
+def test_loss_at_init_is_near_log_vocab():
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny())
+    x = torch.randint(0, 97, (4, 32))
+    loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    assert abs(loss.item() - math.log(97)) < 0.1

@@ -1,0 +1,116 @@
+"""End-to-end runs of the pretrain stage through the real config and pipeline (tiny model, CPU)."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from slimpajama import SlimPajamaModel, SlimPajamaTokenizer
+from slimpajama.pipeline import run
+
+
+def train(overrides, tmp_path, run_name="run", data_dir=None):
+    cfg = compose_cfg(overrides, tmp_path, data_dir, output_dir=tmp_path / "logs" / "pretrain" / "runs" / run_name)
+    result = run(cfg)
+    return cfg, result, Path(cfg.paths.output_dir)
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_fast_dev_run_writes_model_metrics_and_latest(tiny_overrides, tmp_path):
+    cfg, result, out = train(tiny_overrides + ["debug=fdr"], tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["val/loss"]) and metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
+    assert result == metrics["val/loss"]
+    assert metrics["model/params"] > 0 and "train/loss" in metrics
+    latest = tmp_path / "logs" / "latest" / "pretrain"
+    assert latest.is_symlink() and latest.resolve() == out.resolve()
+    model = SlimPajamaModel.from_pretrained(out / "model")
+    tokenizer = SlimPajamaTokenizer.from_pretrained(out / "model")
+    assert tokenizer.vocab_size == 384 == model.config.vocab_size
+    ids = tokenizer.encode("ka lo", return_tensors="pt")
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] <= ids.shape[1] + 4
+
+
+def test_training_lowers_the_loss_and_logs_namespaced_metrics(tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["trainer.max_steps=30", "trainer.val_check_interval=10", "callbacks=default",
+                                  "callbacks.throughput.peak_flops=1e11", "~callbacks.progress_bar"]
+    cfg, result, out = train(overrides, tmp_path)
+    losses = train_losses(out)
+    first, last = losses[min(losses)], sum(losses[s] for s in sorted(losses)[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/lr", "val/loss", "val/ppl", "train/tokens_per_sec", "train/mfu"} <= set(header)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob("step_*.ckpt"))) == 1  # the best one
+
+
+def _interrupted_and_full_runs(overrides, tmp_path):
+    base = overrides + ["trainer.max_steps=8", "trainer.val_check_interval=4", "callbacks=default",
+                        "~callbacks.progress_bar", "~callbacks.throughput", "~callbacks.model_summary"]
+    data_dir = tmp_path / "data"
+    _, _, full = train(base, tmp_path / "a", data_dir=data_dir)
+    # the same run stopped at step 4, then resumed with ckpt_path=last up to step 8
+    _, _, first = train(base + ["trainer.max_steps=4"], tmp_path / "b", "first", data_dir=data_dir)
+    assert (first / "checkpoints" / "last.ckpt").is_file()
+    _, _, second = train(base + ["ckpt_path=last"], tmp_path / "b", "second", data_dir=data_dir)
+    return full, first, second
+
+
+def test_resume_from_last_checkpoint_continues_the_run(tiny_overrides, tmp_path):
+    full, first, second = _interrupted_and_full_runs(tiny_overrides, tmp_path)
+    ckpt = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert ckpt["optimizer_states"][0]["state"][0]["step"] == 8  # AdamW moments carried over
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 8  # the schedule continued, not restarted
+    expected, resumed = train_losses(full), {**train_losses(first), **train_losses(second)}
+    assert sorted(resumed) == sorted(expected) == list(range(8))
+    for step in range(4):  # same seed, same data: identical before the interruption
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5)
+    for step in range(4, 8):  # the restored weights continue the same curve (data order: see below)
+        assert resumed[step] == pytest.approx(expected[step], rel=0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="the saved data-loader position is one batch ahead (Lightning prefetches "
+                   "the next batch before a checkpoint): exact resume is finished in the scale-and-survive issue")
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_overrides, tmp_path):
+    full, first, second = _interrupted_and_full_runs(tiny_overrides, tmp_path)
+    expected, resumed = train_losses(full), {**train_losses(first), **train_losses(second)}
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_ckpt_path_last_without_a_previous_run_is_a_clear_error(tiny_overrides, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
+        train(tiny_overrides + ["ckpt_path=last"], tmp_path)
+
+
+def test_wandb_offline_run_writes_a_local_run_folder(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    overrides = [o for o in tiny_overrides if o != "logger=csv"] + ["logger=wandb", "trainer.max_steps=2"]
+    _, _, out = train(overrides, tmp_path)
+    import wandb
+
+    wandb.finish()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_markov_nano_reaches_the_entropy_rate(tmp_path):
+    """The whole stack learns what it should: val loss within 10% of the chain's exact entropy rate."""
+    overrides = ["data=markov", "model=nano", "logger=none", "callbacks=none", "trainer.max_steps=300",
+                 "trainer.val_check_interval=100", "trainer.enable_progress_bar=false"]
+    cfg, result, out = train(overrides, tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    h = metrics["data/entropy_rate"]
+    assert 2.0 < h < 2.7
+    assert h <= metrics["val/loss"] <= 1.10 * h, metrics
