@@ -114,3 +114,29 @@ def test_markov_nano_reaches_the_entropy_rate(tmp_path):
     h = metrics["data/entropy_rate"]
     assert 2.0 < h < 2.7
     assert h <= metrics["val/loss"] <= 1.10 * h, metrics
+
+
+@pytest.mark.slow
+def test_command_line_multirun_and_run_dir_override(corpus_dir, tmp_path):
+    """`python train.py -m ...` as users type it: one job folder per value, each with its metrics."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    common = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+        f"data.paths=[{corpus_dir}]", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}",
+        "trainer.max_steps=2", "save_model=false"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled"}
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "seed=1,2", *common], check=True, env=env,
+                   capture_output=True, timeout=600)
+    jobs = sorted((tmp_path / "logs" / "multiruns" / "pretrain").glob("*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    seeds = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    assert "seed=1" in seeds[0] and "seed=2" in seeds[1]
+
+    run_dir = tmp_path / "my-run"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *common],
+                   check=True, env=env, capture_output=True, timeout=600)
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "pretrain.log").is_file()
+    assert "final validation" in (run_dir / "pretrain.log").read_text()

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
+SPACE_MARKER = "\u2581"  # SentencePiece's visible space
 
 
 class BatchEncoding(dict):
@@ -48,6 +49,7 @@ class SlimPajamaTokenizer:
         if missing:
             raise ValueError(f"control tokens {missing} are not in the SentencePiece model")
         self.control_token_ids = [self.sp.piece_to_id(t) for t in self.control_tokens]
+        self.newline_id = self.sp.piece_to_id("\n")
         self.all_special_ids = sorted(
             {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id, *self.control_token_ids}
         )
@@ -102,8 +104,24 @@ class SlimPajamaTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def _encode_one(self, text: str) -> list[int]:
+        """SentencePiece reads a literal U+2581 ("▁") in the input as its space marker, so it would
+        decode as a space: emit it as its three UTF-8 byte tokens and encode each following segment
+        without the dummy-prefix space."""
+        if SPACE_MARKER not in text:
+            return self.sp.encode(text)
+        first, *rest = text.split(SPACE_MARKER)
+        ids = self.sp.encode(first) if first else []
+        marker = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode("utf-8")]
+        for part in rest:
+            ids += marker
+            if part:  # "\n" is a single token; what follows it carries no dummy prefix
+                tail = self.sp.encode("\n" + part)
+                ids += tail[tail.index(self.newline_id) + 1 :]
+        return ids
+
     def encode(self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True):
-        ids = self.sp.encode(text)
+        ids = self._encode_one(text)
         if add_special_tokens:
             ids = [self.bos_token_id] + ids
         if return_tensors == "pt":
@@ -112,9 +130,16 @@ class SlimPajamaTokenizer:
             raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None or 'pt')")
         return ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
         """Fast multi-threaded encoding of many texts (for corpus tokenization)."""
-        return self.sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
+        out = self.sp.encode(list(texts), num_threads=num_threads)
+        for i, text in enumerate(texts):
+            if SPACE_MARKER in text:
+                out[i] = self._encode_one(text)
+        bos, eos = [self.bos_token_id] * add_bos, [self.eos_token_id] * add_eos
+        return [bos + ids + eos for ids in out]
 
     def __call__(
         self,

@@ -1,0 +1,306 @@
+"""Tests for the SentencePiece tokenizer with its Hugging Face-style API (src/slimpajama/tokenizer.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from slimpajama.tokenizer import SlimPajamaTokenizer
+
+CONTROL = ["<|style:formal|>", "<|task:translate|>"]
+VOCAB = 512
+LINES = (
+    "the of and to in is was for that with as on by at from this are be it an have which one not but all",
+    "they their there were when more time about would into year first city world people state part new",
+    "music school river house water light small large north south early later during between under",
+)
+WORDS = [word for line in LINES for word in line.split()]
+HANZI = "写一篇正式的文章我们在中国人大学生时间工作问题今天天气很好明年会去北京上海和朋友一起学习语言"
+
+
+def english(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(2, 5)):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 14))]
+        words[0] = words[0].capitalize()
+        if rng.random() < 0.3:
+            words.insert(rng.randint(1, len(words) - 1), str(rng.randint(1, 2024)))
+        text = " ".join(words)
+        if rng.random() < 0.3:
+            text = text.replace(" ", ", ", 1)
+        sentences.append(text + rng.choice(".!?"))
+    return " ".join(sentences)
+
+
+def chinese(rng: random.Random) -> str:
+    return "".join(rng.choice(HANZI) for _ in range(rng.randint(10, 40))) + rng.choice("。！？")
+
+
+@pytest.fixture(scope="module")
+def tok() -> SlimPajamaTokenizer:
+    rng = random.Random(0)
+    texts = [english(rng) + ("\n" + english(rng) if i % 3 == 0 else "") for i in range(600)]
+    texts += [chinese(rng) for _ in range(300)]
+    texts += [f"{CONTROL[0]}{english(rng)}" for _ in range(20)]  # the trainer never merges control tokens
+    return SlimPajamaTokenizer.train(texts, VOCAB, CONTROL, num_threads=1)
+
+
+ROUND_TRIP = {
+    "english": "The city, by the river, was new: 42 people (and 7 more) were there!",
+    "spaces": "two  spaces,   three,    four and a trailing space ",
+    "leading_space": " leading space, then   more",
+    "newlines_tabs": "line one\nline two\n\n\tindented with a tab\n    and four spaces\r\nwindows line\n",
+    "chinese": "写一篇正式的文章",
+    "mixed": "Write a formal article: 写一篇正式的文章, about 北京 and the world.",
+    "emoji": "music 🎵 and light ✨ 😀👍🏽 👩\u200d💻 🇯🇵",
+    "unseen": "Съешь же ещё этих мягких булок — 한국어 텍스트 ΑΒΓ ∑∫ ﬁ Å",
+    "control_chars": "nul\x00 bell\x07 del\x7f nbsp\u00a0 zwsp\u200b",
+    "numbers": "3.14159 and 1,000,000 and 2024-06-01",
+    "code": "def f(x):\n    return {'a': [x, x ** 2]}  # comment\n",
+    "empty": "",
+    "only_spaces": "   ",
+    "only_newline": "\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP))
+def test_exact_round_trip(tok, name):
+    text = ROUND_TRIP[name]
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    assert tok.unk_token_id not in ids  # byte fallback: nothing is ever <unk>
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_unseen_characters_use_byte_fallback(tok):
+    ids = tok.encode("Ж", add_special_tokens=False)
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert [p for p in pieces if p != "▁"] == ["<0xD0>", "<0x96>"]  # the UTF-8 bytes of Ж
+    emoji = [p for p in tok.convert_ids_to_tokens(tok.encode("😀", add_special_tokens=False)) if p != "▁"]
+    assert emoji == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    # the 256 byte pieces exist, so any byte string is representable
+    assert all(tok.convert_tokens_to_ids(f"<0x{b:02X}>") != tok.unk_token_id for b in range(256))
+
+
+def test_seen_text_is_compressed(tok):
+    """The tokenizer learned the training distribution: seen words and characters are few tokens per byte."""
+    rng = random.Random(99)
+    en = english(rng)
+    zh = chinese(rng)
+    assert len(tok.encode(en, add_special_tokens=False)) < 0.45 * len(en.encode())
+    assert len(tok.encode(zh, add_special_tokens=False)) <= len(zh) + 1  # one token per character, at most
+    assert tok.encode("the", add_special_tokens=False) == [tok.convert_tokens_to_ids("▁the")]
+
+
+def test_special_ids_and_sizes(tok):
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
+    assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
+    assert tok.vocab_size == len(tok) == VOCAB
+    assert tok.control_token_ids == [tok.convert_tokens_to_ids(t) for t in CONTROL]
+    assert tok.all_special_ids == sorted({0, 1, 2, 3, *tok.control_token_ids})
+    # the literal text of a special token is not the special token
+    ids = tok.encode("<s></s><pad><unk>", add_special_tokens=False)
+    assert not set(ids) & {0, 1, 2, 3}
+    assert tok.decode(ids) == "<s></s><pad><unk>"
+
+
+@pytest.mark.parametrize("control", CONTROL)
+def test_control_tokens_are_single_tokens(tok, control):
+    cid = tok.convert_tokens_to_ids(control)
+    assert cid not in (0, 1, 2, 3) and tok.convert_ids_to_tokens(cid) == control
+    for text in [control, f"{control}Hello", f"Hello{control}", f"Hello {control} world", f"写{control}文章",
+                 f"{control}{control}"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids.count(cid) == text.count(control), text
+        pieces = tok.convert_ids_to_tokens(ids)
+        assert not any(control in p for p, i in zip(pieces, ids) if i != cid), pieces  # never split or merged
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert tok.decode(ids, skip_special_tokens=True) == text.replace(control, "")
+    glued = tok.encode(f"{control}Hello", add_special_tokens=False)
+    assert glued[glued.index(cid) + 1 :] == tok.encode("Hello", add_special_tokens=False)[1:]  # Hello minus '▁'
+
+
+def test_skip_special_tokens_drops_bos_eos_pad(tok):
+    ids = [tok.bos_token_id] + tok.encode("the city", add_special_tokens=False) + [tok.eos_token_id, 3, 3]
+    assert tok.decode(ids, skip_special_tokens=True) == "the city"
+    assert tok.decode(ids, skip_special_tokens=False) == "the city"  # SentencePiece control symbols print as ""
+
+
+def test_encode_return_tensors(tok):
+    ids = tok.encode("The river and the sea.")
+    t = tok.encode("The river and the sea.", return_tensors="pt")
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.long and t.shape == (1, len(ids))
+    assert t[0].tolist() == ids
+    assert tok.decode(t[0], skip_special_tokens=True) == "The river and the sea."  # decode takes tensors
+    with pytest.raises(ValueError, match="return_tensors"):
+        tok.encode("x", return_tensors="np")
+
+
+def test_add_special_tokens_adds_only_bos(tok):
+    for text in ["Hello world.", "写一篇正式的文章", ""]:
+        plain = tok.encode(text, add_special_tokens=False)
+        assert tok.encode(text) == [tok.bos_token_id] + plain
+        assert tok.eos_token_id not in tok.encode(text)
+        assert tok.bos_token_id not in plain
+
+
+def test_decode_ignores_ids_past_the_vocabulary(tok):
+    ids = tok.encode("the world", add_special_tokens=False)
+    assert tok.decode(ids + [VOCAB, VOCAB + 100]) == "the world"  # a model vocab padded to a multiple of 64
+    assert tok.decode([-1] + ids) == "the world"
+
+
+def test_call_single_and_unpadded(tok):
+    enc = tok("the music")
+    assert enc["input_ids"] == tok.encode("the music") and enc.input_ids == enc["input_ids"]
+    assert enc.attention_mask == [1] * len(enc.input_ids)
+    batch = tok(["a", "the music of the world"], add_special_tokens=False)
+    assert batch.input_ids == [tok.encode(t, add_special_tokens=False) for t in ["a", "the music of the world"]]
+    assert [len(m) for m in batch.attention_mask] == [len(i) for i in batch.input_ids]
+    with pytest.raises(ValueError, match="padding=True"):
+        tok(["a", "the music of the world"], return_tensors="pt")
+    with pytest.raises(AttributeError):
+        _ = enc.token_type_ids
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_call_batch_padding(tok, side):
+    texts = ["Hi", "the city by the river was new", "写一篇正式的文章"]
+    ids = [tok.encode(t) for t in texts]
+    width = max(map(len, ids))
+    enc = tok(texts, padding=True, padding_side=side)
+    for row, mask, orig in zip(enc.input_ids, enc.attention_mask, ids):
+        n_pad = width - len(orig)
+        assert len(row) == len(mask) == width
+        if side == "right":
+            assert row == orig + [tok.pad_token_id] * n_pad and mask == [1] * len(orig) + [0] * n_pad
+        else:
+            assert row == [tok.pad_token_id] * n_pad + orig and mask == [0] * n_pad + [1] * len(orig)
+    pt = tok(texts, padding=True, padding_side=side, return_tensors="pt")
+    assert pt.input_ids.shape == pt.attention_mask.shape == (3, width)
+    assert pt.input_ids.tolist() == enc.input_ids and pt.attention_mask.tolist() == enc.attention_mask
+    assert int(pt.attention_mask.sum()) == sum(map(len, ids))
+    assert tok.batch_decode(pt.input_ids, skip_special_tokens=True) == texts
+    # the tokenizer attribute sets the default side
+    tok.padding_side = side
+    try:
+        assert tok(texts, padding=True).input_ids == enc.input_ids
+    finally:
+        tok.padding_side = "right"
+
+
+def test_call_padding_max_length_and_truncation(tok):
+    texts = ["the world", "the city by the river was new and the music was early"]
+    enc = tok(texts, padding="max_length", truncation=True, max_length=6, return_tensors="pt")
+    assert enc.input_ids.shape == (2, 6)
+    assert enc.input_ids[1].tolist() == tok.encode(texts[1])[:6] and enc.attention_mask[1].tolist() == [1] * 6
+    short = tok.encode(texts[0])
+    assert enc.input_ids[0].tolist() == short + [3] * (6 - len(short))
+    with pytest.raises(ValueError, match="max_length"):
+        tok(texts, padding="max_length")
+
+
+def test_batch_decode(tok):
+    texts = ["The river.", "写一篇正式的文章", f"{CONTROL[1]}Translate this."]
+    ids = [tok.encode(t) for t in texts]
+    assert tok.batch_decode(ids, skip_special_tokens=True) == ["The river.", "写一篇正式的文章", "Translate this."]
+    assert tok.batch_decode(ids) == texts
+
+
+def test_save_and_load_round_trip(tok, tmp_path):
+    folder = tmp_path / "tok"
+    tok.save_pretrained(folder)
+    assert {p.name for p in folder.iterdir()} == {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "LlamaTokenizer" and config["add_bos_token"] is True
+    assert config["additional_special_tokens"] == CONTROL and config["pad_token"] == "<pad>"
+    loaded = SlimPajamaTokenizer.from_pretrained(folder)
+    assert loaded.control_tokens == CONTROL and loaded.control_token_ids == tok.control_token_ids
+    assert loaded.vocab_size == VOCAB and loaded.fingerprint() == tok.fingerprint()
+    for text in ROUND_TRIP.values():
+        assert loaded.encode(text) == tok.encode(text)
+    glued = f"{CONTROL[0]}Hello{CONTROL[1]}"
+    assert loaded.encode(glued) == tok.encode(glued)
+    assert loaded.decode(loaded.encode(glued)) == glued
+    # from_pretrained takes str paths too, and a folder without the config (plain SentencePiece model)
+    (folder / "tokenizer_config.json").unlink()
+    bare = SlimPajamaTokenizer.from_pretrained(str(folder))
+    assert bare.encode("The river.") == tok.encode("The river.") and bare.control_tokens == []
+
+
+def test_from_pretrained_missing_model_raises(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as excinfo:
+        SlimPajamaTokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / "tokenizer.model") in str(excinfo.value)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        SlimPajamaTokenizer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_unknown_control_token_in_config_raises(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["slimpajama_control_tokens"] = ["<|not:trained|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"<\|not:trained\|>"):
+        SlimPajamaTokenizer.from_pretrained(tmp_path)
+
+
+def test_training_is_deterministic():
+    rng = random.Random(5)
+    texts = [english(rng) for _ in range(200)]
+    a = SlimPajamaTokenizer.train(texts, 400, num_threads=1)
+    b = SlimPajamaTokenizer.train(texts, 400, num_threads=2)
+    assert a.vocab_size == b.vocab_size == 400
+    # the same pieces and scores whatever the thread count (the proto's trainer_spec records num_threads,
+    # so the file bytes, and fingerprint(), differ between thread counts)
+    assert [a.convert_ids_to_tokens(i) for i in range(400)] == [b.convert_ids_to_tokens(i) for i in range(400)]
+    assert [a.sp.get_score(i) for i in range(400)] == [b.sp.get_score(i) for i in range(400)]
+    assert a.fingerprint() == SlimPajamaTokenizer.train(texts, 400, num_threads=1).fingerprint()
+
+
+def test_long_lines_are_cut_for_the_trainer_not_dropped():
+    """The SentencePiece trainer drops sentences over max_sentence_length: they are cut instead, so a corpus
+    of long single-line documents still trains (here: characters only in long lines make it into the vocab)."""
+    long_doc = ("ΩΨΦ " * 5000).strip()  # 20k characters on one line
+    t = SlimPajamaTokenizer.train([long_doc, "the river"] * 3, 268, max_sentence_bytes=1024, num_threads=1)
+    assert t.convert_tokens_to_ids("Ω") != t.unk_token_id
+    assert t.decode(t.encode(long_doc[:100])) == long_doc[:100]
+
+
+def test_round_trip_of_the_sentencepiece_space_marker(tok):
+    text = "load ▁▂▃▅▇ and a▁b"
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+
+
+def test_transformers_autotokenizer_parity(tok, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.pad_token_id == 3 and hf.bos_token_id == 1 and hf.eos_token_id == 2 and len(hf) == VOCAB
+    rng = random.Random(7)
+    texts = ["Hello world", "The city, by the river, was new: 42 people were there!", "写一篇正式的文章",
+             "Write a formal article: 写一篇正式的文章.", "two  spaces"] + [english(rng) for _ in range(20)]
+    for text in texts:
+        assert hf(text)["input_ids"] == tok.encode(text), text
+        assert hf.decode(tok.encode(text), skip_special_tokens=True) == text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="parity gap with transformers' LlamaTokenizer (legacy=False): for text starting with a space or a "
+    "control token ours keeps SentencePiece's dummy '▁' prefix as an extra token, HF's does not",
+)
+@pytest.mark.parametrize("text", [" leading space", f"{CONTROL[0]}Hello"])
+def test_transformers_autotokenizer_parity_at_the_start(tok, tmp_path, monkeypatch, text):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(text)["input_ids"] == tok.encode(text)
