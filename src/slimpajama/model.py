@@ -131,14 +131,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs), S = cache length
-        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # each key/value head serves a group of n_head // n_kv_head query heads (enable_gqa: no copies)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None,
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 

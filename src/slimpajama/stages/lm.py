@@ -60,6 +60,12 @@ class LanguageModelModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # free the gradients now: Lightning would zero them only inside the next step's closure,
+        # keeping a model-sized buffer alive through the next forward pass
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         groups = param_groups(self.model, weight_decay=self.optimizer_factory.keywords.get("weight_decay", 0.0))
         optimizer = self.optimizer_factory(params=groups)
