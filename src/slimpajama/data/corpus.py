@@ -1,0 +1,295 @@
+"""Corpora prepared into LitData's optimized token chunks, one folder per (split, source).
+
+`TextCorpus` reads SlimPajama-format files (and .txt), splits documents deterministically into
+train/validation by a hash of their text (so exact duplicates never straddle the split), trains a
+SentencePiece tokenizer on a sample of the training split (or uses a given one), and tokenizes every
+file in parallel. `MarkovCorpus` writes streams of a random Markov chain (tokens = states).
+
+Everything lands in `cache_dir/<key>/`, where the key hashes the corpus files (path, size, mtime)
+and every setting that changes the tokens: a changed file or tokenizer gives a new key, an unchanged
+one reuses the cache. LitData's chunk format streams the same way from a local folder or an object
+store (`s3://...`), which is why LitGPT and TinyLlama use it for SlimPajama.
+"""
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from slimpajama.data.reader import CorpusError, ReadStats, read_file, resolve_paths
+from slimpajama.tokenizer import SlimPajamaTokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Deterministic split by content: the same text always lands in the same split."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    return h / 2**64 < val_fraction
+
+
+def write_tokens(directory: Path, arrays: Sequence[np.ndarray], chunk_bytes: str = "32MB") -> int:
+    """Write 1-D int32 token arrays as LitData chunks readable by `TokensLoader`; returns the token count."""
+    from litdata.streaming.item_loader import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
+    n = 0
+    for i, a in enumerate(arrays):
+        writer.add_item(i, torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)))
+        n += len(a)
+    writer.done()
+    writer.merge()
+    return n
+
+
+class PreparedCorpus:
+    """What `prepare()` wrote: token folders per split and source, the tokenizer, extra metrics."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.manifest = root, manifest
+
+    def dirs(self, split: str) -> dict[str, str]:
+        return {s: str(self.root / "tokens" / split / s) for s in self.manifest["tokens"][split]}
+
+    def tokens(self, split: str) -> dict[str, int]:
+        return self.manifest["tokens"][split]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def tokenizer(self) -> Optional[SlimPajamaTokenizer]:
+        t = self.manifest.get("tokenizer_dir")
+        return SlimPajamaTokenizer.from_pretrained(self.root / t) if t else None
+
+
+class _Corpus:
+    """Shared cache handling: subclasses define `key()` and `_build(root, progress)`."""
+
+    def key(self) -> dict:
+        raise NotImplementedError
+
+    def _build(self, root: Path, progress: bool) -> dict:
+        raise NotImplementedError
+
+    def root(self, cache_dir: str) -> Path:
+        return Path(cache_dir) / f"{type(self).__name__.lower()}-{_hash(self.key())}"
+
+    def prepare(self, cache_dir: str, progress: bool = True) -> PreparedCorpus:
+        """Build the token cache once (atomically: a killed build leaves no manifest); reuse it after."""
+        root = self.root(cache_dir)
+        if (root / MANIFEST).is_file():
+            return self.load(cache_dir)
+        tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        manifest = self._build(tmp, progress)  # paths in it are relative to the root
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+        log.info("prepared corpus in %s", root)
+        return PreparedCorpus(root, manifest)
+
+    def load(self, cache_dir: str) -> PreparedCorpus:
+        root = self.root(cache_dir)
+        if not (root / MANIFEST).is_file():
+            raise FileNotFoundError(f"{root / MANIFEST} not found: call prepare() first")
+        return PreparedCorpus(root, json.loads((root / MANIFEST).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# text corpora
+
+
+def _tokenize_file(args) -> tuple[str, dict, ReadStats]:
+    """Worker: read one file and return {(split, source): int32 tokens} with <s> ... </s> per document."""
+    path, proto, val_fraction, on_bad_record = args
+    tok = SlimPajamaTokenizer(proto)
+    stats = ReadStats()
+    texts: dict = defaultdict(list)
+    for doc in read_file(path, on_bad_record=on_bad_record, stats=stats):
+        texts[("val" if is_val(doc.text, val_fraction) else "train", doc.source)].append(doc.text)
+    out = {}
+    for key, docs in texts.items():
+        ids = tok.encode_batch(docs, add_bos=True, add_eos=True, num_threads=1)
+        out[key] = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
+    return path, out, stats
+
+
+class TextCorpus(_Corpus):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        vocab_size: int = 8192,
+        control_tokens: Sequence[str] = (),
+        tokenizer_path: Optional[str] = None,
+        tokenizer_sample_bytes: int = 20_000_000,
+        val_fraction: float = 0.01,
+        on_bad_record: str = "error",
+        num_proc: Optional[int] = None,
+        build: Optional[Callable[[], object]] = None,
+    ):
+        """paths: files, folders, globs. tokenizer_path: a saved tokenizer (e.g. a pretrained model's
+        folder) instead of training one. build: called first when the paths do not exist yet (the
+        demo corpus builder)."""
+        if isinstance(paths, str):
+            paths = [paths]
+        if not paths:
+            raise CorpusError("data.paths is empty: give files, folders or globs of *.jsonl, *.jsonl.zst, *.txt")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.paths, self.vocab_size, self.control_tokens = list(paths), vocab_size, list(control_tokens)
+        self.tokenizer_path, self.sample_bytes = tokenizer_path, tokenizer_sample_bytes
+        self.val_fraction, self.on_bad_record = val_fraction, on_bad_record
+        self.num_proc = num_proc or os.cpu_count() or 1
+        self.build = build
+        self._files: Optional[list[str]] = None
+
+    def files(self) -> list[str]:
+        if self._files is None:
+            if self.build is not None:
+                self.build()
+            self._files = resolve_paths(self.paths)
+        return self._files
+
+    def key(self) -> dict:
+        files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files()]
+        tokenizer = (
+            SlimPajamaTokenizer.from_pretrained(self.tokenizer_path).fingerprint()
+            if self.tokenizer_path
+            else {"vocab_size": self.vocab_size, "control_tokens": self.control_tokens, "sample": self.sample_bytes}
+        )
+        return {"v": FORMAT_VERSION, "files": files, "tokenizer": tokenizer,
+                "val_fraction": self.val_fraction, "on_bad_record": self.on_bad_record}
+
+    def _train_tokenizer(self, files: list[str]) -> SlimPajamaTokenizer:
+        """Train on an even share of `sample_bytes` from each source's training documents."""
+        by_source: dict[str, list[str]] = defaultdict(list)
+        for f in files:
+            by_source[Path(f).parent.name].append(f)
+        budget = self.sample_bytes // max(1, len(by_source))
+        sample: list[str] = []
+        for group in by_source.values():
+            taken = 0
+            for f in group:
+                for doc in read_file(f, on_bad_record=self.on_bad_record):
+                    if not is_val(doc.text, self.val_fraction):
+                        sample.append(doc.text[: budget - taken])
+                        taken += len(sample[-1])
+                    if taken >= budget:
+                        break
+                if taken >= budget:
+                    break
+        if not sample:
+            raise CorpusError(f"data.paths={self.paths}: no training documents to train the tokenizer on")
+        log.info("training a %d-token SentencePiece BPE tokenizer on %.1f MB", self.vocab_size, sum(map(len, sample)) / 1e6)
+        return SlimPajamaTokenizer.train(sample, self.vocab_size, self.control_tokens)
+
+    def _build(self, root: Path, progress: bool) -> dict:
+        files = self.files()
+        if self.tokenizer_path:
+            tokenizer = SlimPajamaTokenizer.from_pretrained(self.tokenizer_path)
+        else:
+            tokenizer = self._train_tokenizer(files)
+        tokenizer.save_pretrained(root / "tokenizer")
+
+        arrays: dict = defaultdict(list)
+        stats = ReadStats()
+        jobs = [(f, tokenizer._proto, self.val_fraction, self.on_bad_record) for f in files]
+        with _progress(progress) as bar, cf.ProcessPoolExecutor(
+            max_workers=min(self.num_proc, len(jobs)), mp_context=mp.get_context("spawn")
+        ) as pool:
+            task = bar.add_task("tokenizing", total=sum(os.path.getsize(f) for f in files))
+            for path, out, file_stats in pool.map(_tokenize_file, jobs):  # in file order: deterministic
+                for key, a in out.items():
+                    arrays[key].append(a)
+                stats.merge(file_stats)
+                bar.advance(task, os.path.getsize(path))
+        if stats.documents == 0:
+            raise CorpusError(f"data.paths={self.paths}: the corpus holds no documents ({len(files)} files read)")
+        if stats.skipped:
+            log.warning("skipped bad records (data.on_bad_record=skip): %s", dict(stats.skipped))
+
+        tokens: dict = {split: {} for split in SPLITS}
+        for (split, source), chunks in sorted(arrays.items()):
+            tokens[split][source] = write_tokens(root / "tokens" / split / source, chunks)
+        _log_table(tokens)
+        return {
+            "tokens": tokens,
+            "documents": stats.documents,
+            "skipped": dict(stats.skipped),
+            "tokenizer_dir": "tokenizer",
+            "vocab_size": tokenizer.vocab_size,
+            "files": len(files),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# the Markov source
+
+
+class MarkovCorpus(_Corpus):
+    def __init__(self, n_states: int = 64, concentration: float = 0.1, chain_seed: int = 0,
+                 train_tokens: int = 4_000_000, val_tokens: int = 200_000):
+        from slimpajama.data.markov import MarkovChain
+
+        self.chain = MarkovChain(n_states, concentration, chain_seed)
+        self.params = dict(n_states=n_states, concentration=concentration, chain_seed=chain_seed,
+                           train_tokens=train_tokens, val_tokens=val_tokens)
+
+    def key(self) -> dict:
+        return {"v": FORMAT_VERSION, **self.params}
+
+    def _build(self, root: Path, progress: bool) -> dict:
+        tokens = {}
+        for i, split in enumerate(SPLITS):
+            streams = self.chain.sample(self.params[f"{split}_tokens"], seed=1000 + i)  # (chains, length)
+            tokens[split] = {"markov": write_tokens(root / "tokens" / split / "markov", list(streams))}
+        return {
+            "tokens": tokens,
+            "tokenizer_dir": None,
+            "vocab_size": self.chain.n_states,
+            "metrics": {"data/entropy_rate": self.chain.entropy_rate},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=False,
+    )
+
+
+def _log_table(tokens: dict) -> None:
+    total = {split: sum(tokens[split].values()) for split in SPLITS}
+    for source in sorted(set(tokens["train"]) | set(tokens["val"])):
+        t, v = tokens["train"].get(source, 0), tokens["val"].get(source, 0)
+        log.info("  %-20s train %12d tokens (%5.1f%%)   val %10d", source, t, 100 * t / max(1, total["train"]), v)
+    log.info("  %-20s train %12d tokens            val %10d", "total", total["train"], total["val"])

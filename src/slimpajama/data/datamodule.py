@@ -1,0 +1,134 @@
+"""The one LightningDataModule every stage shares.
+
+`prepare_data` (rank 0 of each node) builds the token cache of a corpus; `setup` (every rank)
+opens it as LitData `StreamingDataset`s of `seq_len + 1`-token blocks, one per source, mixed by
+`weights` with `CombinedStreamingDataset` for training. Each rank and worker streams its own share
+of the chunks, from a local folder or an object store alike.
+"""
+
+import logging
+from typing import Optional, Union
+
+import lightning as L
+import torch
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from litdata.streaming.item_loader import TokensLoader
+
+from slimpajama.data.corpus import MarkovCorpus, PreparedCorpus, TextCorpus
+from slimpajama.data.reader import CorpusError
+
+log = logging.getLogger(__name__)
+
+
+class SlimPajamaDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        corpus: Union[TextCorpus, MarkovCorpus],
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_batch_size: Optional[int] = None,
+        weights: Optional[dict[str, float]] = None,
+        cache_dir: str = "data/cache",
+        num_workers: int = 0,
+        seed: int = 42,
+        progress: bool = True,
+        vocab_size: Optional[int] = None,
+    ):
+        """weights: per-source mixing weights (normalised; 0 drops a source); None mixes sources in
+        proportion to their token counts. vocab_size: what the config promises the model (checked)."""
+        super().__init__()
+        self.corpus = corpus
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.weights = dict(weights) if weights else None
+        self.cache_dir, self.num_workers, self.seed, self.progress = cache_dir, num_workers, seed, progress
+        self.expected_vocab_size = vocab_size
+        self.prepared: Optional[PreparedCorpus] = None
+        self.train_weights: dict[str, float] = {}
+
+    def prepare_data(self) -> None:
+        self.corpus.prepare(self.cache_dir, progress=self.progress)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.prepared is not None:
+            return
+        self.prepared = self.corpus.load(self.cache_dir)
+        vocab = self.prepared.manifest["vocab_size"]
+        if self.expected_vocab_size is not None and vocab != self.expected_vocab_size:
+            raise ValueError(
+                f"data.vocab_size={self.expected_vocab_size} but the prepared corpus has a vocabulary of {vocab}"
+            )
+        self.train_weights = self._resolve_weights(self.prepared.tokens("train"))
+        for name, value in self.prepared.metrics.items():
+            log.info("%s = %.4f", name, value)
+
+    @property
+    def tokenizer(self):
+        return self.prepared.tokenizer if self.prepared else None
+
+    @property
+    def metrics(self) -> dict:
+        return self.prepared.metrics if self.prepared else {}
+
+    def _resolve_weights(self, tokens: dict[str, int]) -> dict[str, float]:
+        block = self.seq_len + 1
+        if self.weights is None:
+            weights = {s: float(n) for s, n in tokens.items()}
+        else:
+            unknown = sorted(set(self.weights) - set(tokens))
+            missing = sorted(set(tokens) - set(self.weights))
+            if unknown or missing:
+                raise CorpusError(
+                    f"data.weights must name every source of the corpus: sources {sorted(tokens)}; "
+                    + (f"unknown {unknown}; " if unknown else "")
+                    + (f"missing {missing}" if missing else "")
+                )
+            if any(w < 0 for w in self.weights.values()):
+                raise CorpusError(f"data.weights must be non-negative, got {self.weights}")
+            weights = {s: float(w) for s, w in self.weights.items() if w > 0}
+        too_small = [s for s in weights if tokens[s] < block]
+        if too_small:
+            raise CorpusError(
+                f"sources {too_small} have fewer training tokens than one block of data.seq_len + 1 = {block}"
+            )
+        total = sum(weights.values())
+        if total <= 0:
+            raise CorpusError(f"data.weights gives no source a positive weight: {self.weights}")
+        weights = {s: w / total for s, w in sorted(weights.items())}
+        log.info("training mix: %s", ", ".join(f"{s} {w:.1%}" for s, w in weights.items()))
+        return weights
+
+    def _dataset(self, directory: str, shuffle: bool) -> StreamingDataset:
+        return StreamingDataset(
+            directory,
+            item_loader=TokensLoader(block_size=self.seq_len + 1),  # only whole blocks, never a partial one
+            shuffle=shuffle,
+            drop_last=shuffle,  # training: equal shares across ranks; validation: every block
+            seed=self.seed,
+        )
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        dirs = self.prepared.dirs("train")
+        sources = list(self.train_weights)
+        dataset = CombinedStreamingDataset(
+            [self._dataset(dirs[s], shuffle=True) for s in sources],
+            seed=self.seed,
+            weights=[self.train_weights[s] for s in sources],
+            iterate_over_all=False,
+        )
+        return StreamingDataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+            pin_memory=torch.cuda.is_available()
+        )
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        block = self.seq_len + 1
+        tokens = self.prepared.tokens("val")
+        dirs = {s: d for s, d in self.prepared.dirs("val").items() if tokens[s] >= block}
+        if not dirs:
+            raise CorpusError(
+                f"the validation split has no source with a block of {block} tokens: raise data.val_fraction"
+            )
+        datasets = [self._dataset(d, shuffle=False) for d in dirs.values()]
+        dataset = datasets[0] if len(datasets) == 1 else CombinedStreamingDataset(datasets, seed=self.seed)
+        return StreamingDataLoader(dataset, batch_size=self.val_batch_size, num_workers=self.num_workers)
