@@ -150,3 +150,26 @@ def test_loss_at_init_is_near_log_vocab():
     x = torch.randint(0, 97, (4, 32))
     loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
     assert abs(loss.item() - math.log(97)) < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_cross_entropy_equals_plain_loss_and_gradients(dtype):
+    from slimpajama.losses import IGNORE_INDEX, linear_cross_entropy, lm_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 50, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(300, 16, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, 300, (3, 50))
+    y[0, :7] = IGNORE_INDEX  # masked targets count neither in the loss nor in the mean
+    ref = lm_loss(h @ w.t(), y)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = linear_cross_entropy(h, w, y, chunk_elements=300 * 7)  # several chunks (min 128 rows) ...
+    out2 = linear_cross_entropy(h.detach().requires_grad_(), w, y, chunk_elements=1)  # ... and one row block
+    (2 * out).backward()
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.to(ref.dtype), ref, **tol)
+    torch.testing.assert_close(out2.to(ref.dtype), ref, **tol)
+    torch.testing.assert_close(h.grad, 2 * gh, **tol)
+    torch.testing.assert_close(w.grad, 2 * gw, **tol)

@@ -229,6 +229,7 @@ class Transformer(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
+        apply_head: bool = True,
     ):
         """idx: (B, T) token ids -> logits (B, T, vocab).
 
@@ -237,6 +238,8 @@ class Transformer(nn.Module):
         slots beyond max(input_pos) are masked, so a prefill and each one-token step share one path.
         attention_mask (B, S) marks real (1) vs padding (0) key positions (S = T, or cache length);
         position_ids (B, T) give rotary positions when they differ from the slots (left padding).
+        apply_head=False returns the final normed hidden states (B, T, d) instead of logits, for a loss
+        that applies the output head itself (losses.linear_cross_entropy).
         """
         B, T = idx.shape
         mask = None
@@ -266,5 +269,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, mask, input_pos)
             if output_hidden_states:
                 hidden.append(x)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
-        return (logits, hidden) if output_hidden_states else logits
+        out = self.norm(x)
+        if apply_head:
+            out = self.lm_head(out)  # (B, T, vocab)
+        return (out, hidden) if output_hidden_states else out

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from slimpajama.losses import lm_loss
+from slimpajama.losses import linear_cross_entropy
 from slimpajama.model import SlimPajamaConfig
 from slimpajama.optim import param_groups
 from slimpajama.pretrained import SlimPajamaModel
@@ -42,7 +42,8 @@ class LanguageModelModule(L.LightningModule):
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         batch = batch.long()
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and next-token targets
-        return lm_loss(self.model(x), y), y.numel()
+        h = self.model(x, apply_head=False)  # (B, T, d): the loss applies the head chunk by chunk
+        return linear_cross_entropy(h, self.model.lm_head.weight, y), y.numel()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
