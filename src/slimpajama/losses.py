@@ -56,8 +56,7 @@ def linear_cross_entropy(
     """`lm_loss(h @ weight.T, targets)` without the full logits. h (B, T, d), weight (V, d), targets (B, T).
 
     Under autocast, or when nothing needs a gradient, it takes the plain path."""
-    h2, t2 = h.flatten(0, 1), targets.flatten()
     if torch.is_autocast_enabled(h.device.type) or not (h.requires_grad or weight.requires_grad):
-        return F.cross_entropy((h2 @ weight.t()).float(), t2, ignore_index=ignore_index)
+        return lm_loss(h @ weight.t(), targets, ignore_index)
     chunk_rows = max(128, chunk_elements // weight.size(0))
-    return _LinearCrossEntropy.apply(h2, weight, t2, chunk_rows, ignore_index)
+    return _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), chunk_rows, ignore_index)

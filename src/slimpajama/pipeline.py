@@ -90,9 +90,8 @@ def run(cfg: DictConfig) -> Optional[float]:
 
     n_params = module.model.num_params()
     log.info("model: %.2fM parameters (%.2fM without embeddings)", n_params / 1e6, module.model.num_params(True) / 1e6)
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), "model/params": n_params}
     for lg in trainer.loggers:
-        hparams = OmegaConf.to_container(cfg, resolve=True)
-        hparams["model/params"] = n_params
         lg.log_hyperparams(hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))

@@ -12,6 +12,7 @@ store (`s3://...`), which is why LitGPT and TinyLlama use it for SlimPajama.
 """
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import logging
@@ -77,7 +78,7 @@ class PreparedCorpus:
     def metrics(self) -> dict:
         return self.manifest.get("metrics", {})
 
-    @property
+    @functools.cached_property
     def tokenizer(self) -> Optional[SlimPajamaTokenizer]:
         t = self.manifest.get("tokenizer_dir")
         return SlimPajamaTokenizer.from_pretrained(self.root / t) if t else None
@@ -175,7 +176,7 @@ class TextCorpus(_Corpus):
         return self._files
 
     def key(self) -> dict:
-        files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files()]
+        files = [(f, st.st_size, st.st_mtime_ns) for f in self.files() for st in [os.stat(f)]]
         tokenizer = (
             SlimPajamaTokenizer.from_pretrained(self.tokenizer_path).fingerprint()
             if self.tokenizer_path
