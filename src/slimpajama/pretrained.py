@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimpajama.model import SlimPajamaConfig, Transformer
+from slimpajama.registry import resolve_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,10 +130,9 @@ class SlimPajamaModel(Transformer):
     def from_pretrained(
         cls, directory: Union[str, os.PathLike], dtype: torch.dtype = None, device: Union[str, torch.device] = "cpu"
     ) -> "SlimPajamaModel":
-        directory = Path(directory)
+        """directory: a saved folder or a name of the local model index (see `slimpajama.registry`)."""
+        directory = resolve_model(directory)
         config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: not a saved model folder")
         config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
         if (directory / WEIGHTS_FILE).is_file():
             hf_sd = load_file(str(directory / WEIGHTS_FILE))

@@ -16,6 +16,8 @@ from typing import Iterable, Optional, Sequence, Union
 import sentencepiece as spm
 import torch
 
+from slimpajama.registry import resolve_model
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -222,7 +224,10 @@ class SlimPajamaTokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "SlimPajamaTokenizer":
+        """directory: a saved folder or a name of the local model index (see `slimpajama.registry`)."""
         directory = Path(directory)
+        if not (directory / MODEL_FILE).is_file():
+            directory = resolve_model(directory)
         model_file = directory / MODEL_FILE
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file} not found: not a saved SlimPajama tokenizer folder")
