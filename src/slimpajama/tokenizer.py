@@ -226,8 +226,8 @@ class SlimPajamaTokenizer:
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "SlimPajamaTokenizer":
         """directory: a saved folder or a name of the local model index (see `slimpajama.registry`)."""
         directory = Path(directory)
-        if not (directory / MODEL_FILE).is_file():
-            directory = resolve_model(directory)
+        if not directory.is_dir() or (directory / "model" / MODEL_FILE).is_file():
+            directory = resolve_model(directory)  # a registered name, or a run folder
         model_file = directory / MODEL_FILE
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file} not found: not a saved SlimPajama tokenizer folder")
