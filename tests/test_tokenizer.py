@@ -285,22 +285,33 @@ def test_transformers_autotokenizer_parity(tok, tmp_path, monkeypatch):
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.pad_token_id == 3 and hf.bos_token_id == 1 and hf.eos_token_id == 2 and len(hf) == VOCAB
     rng = random.Random(7)
+    c0, c1 = CONTROL
     texts = ["Hello world", "The city, by the river, was new: 42 people were there!", "写一篇正式的文章",
-             "Write a formal article: 写一篇正式的文章.", "two  spaces"] + [english(rng) for _ in range(20)]
+             "Write a formal article: 写一篇正式的文章.", "two  spaces", "line one\nline two\n\n\tindented",
+             f"{c0}Hello", f"{c0} Hello there", f"{c0}写一篇正式的文章", f"{c1}{c0}the city",
+             f"Translate: {c1}the river", f"the river {c1} the city{c0}"]
+    texts += [english(rng) for _ in range(20)] + [chinese(rng) for _ in range(10)]
     for text in texts:
         assert hf(text)["input_ids"] == tok.encode(text), text
-        assert hf.decode(tok.encode(text), skip_special_tokens=True) == text
+        assert hf.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text), True), text
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="parity gap with transformers' LlamaTokenizer (legacy=False): for text starting with a space or a "
-    "control token ours keeps SentencePiece's dummy '▁' prefix as an extra token, HF's does not",
+    reason="a documented difference: for text that starts with a space, transformers' LlamaTokenizer "
+    "(legacy=False) lets the space stand for SentencePiece's dummy prefix, so ' x' and 'x' encode alike "
+    "and the space is lost; ours keeps the dummy prefix and round-trips exactly",
 )
-@pytest.mark.parametrize("text", [" leading space", f"{CONTROL[0]}Hello"])
-def test_transformers_autotokenizer_parity_at_the_start(tok, tmp_path, monkeypatch, text):
+def test_transformers_autotokenizer_parity_with_a_leading_space(tok, tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok.save_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert hf(text)["input_ids"] == tok.encode(text)
+    assert hf(" leading space")["input_ids"] == tok.encode(" leading space")
+
+
+def test_a_leading_space_round_trips_and_a_leading_control_token_has_no_prefix(tok):
+    assert tok.decode(tok.encode(" leading space"), skip_special_tokens=True) == " leading space"
+    ids = tok.encode(f"{CONTROL[0]}Hello", add_special_tokens=False)
+    assert ids[0] == tok.convert_tokens_to_ids(CONTROL[0])
+    assert tok.decode(ids) == f"{CONTROL[0]}Hello"

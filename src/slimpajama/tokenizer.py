@@ -106,20 +106,33 @@ class SlimPajamaTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def _encode_piece(self, text: str, dummy_prefix: bool = True) -> list[int]:
+        if dummy_prefix:
+            return self.sp.encode(text)
+        # "\n" is a single token and nothing after it gets the dummy-prefix space: encode behind one
+        tail = self.sp.encode("\n" + text)
+        return tail[tail.index(self.newline_id) + 1 :]
+
+    def _starts_with_control(self, text: str) -> bool:
+        return any(text.startswith(t) for t in self.control_tokens)
+
     def _encode_one(self, text: str) -> list[int]:
-        """SentencePiece reads a literal U+2581 ("▁") in the input as its space marker, so it would
+        """SentencePiece's ids, with two refinements.
+
+        Text that starts with a control token gets no dummy-prefix space before it, as in
+        transformers' LlamaTokenizer (legacy=False): `<|style:formal|>Hello` is [control, H, ...].
+        SentencePiece reads a literal U+2581 ("▁") in the input as its space marker, so it would
         decode as a space: emit it as its three UTF-8 byte tokens and encode each following segment
         without the dummy-prefix space."""
         if SPACE_MARKER not in text:
-            return self.sp.encode(text)
+            return self._encode_piece(text, dummy_prefix=not self._starts_with_control(text))
         first, *rest = text.split(SPACE_MARKER)
-        ids = self.sp.encode(first) if first else []
+        ids = self._encode_piece(first, dummy_prefix=not self._starts_with_control(first)) if first else []
         marker = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode("utf-8")]
         for part in rest:
             ids += marker
-            if part:  # "\n" is a single token; what follows it carries no dummy prefix
-                tail = self.sp.encode("\n" + part)
-                ids += tail[tail.index(self.newline_id) + 1 :]
+            if part:
+                ids += self._encode_piece(part, dummy_prefix=False)
         return ids
 
     def encode(self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True):
@@ -138,7 +151,7 @@ class SlimPajamaTokenizer:
         """Fast multi-threaded encoding of many texts (for corpus tokenization)."""
         out = self.sp.encode(list(texts), num_threads=num_threads)
         for i, text in enumerate(texts):
-            if SPACE_MARKER in text:
+            if SPACE_MARKER in text or self._starts_with_control(text):
                 out[i] = self._encode_one(text)
         bos, eos = [self.bos_token_id] * add_bos, [self.eos_token_id] * add_eos
         return [bos + ids + eos for ids in out]
