@@ -26,6 +26,7 @@ class SlimPajamaConfig:
     n_kv_head: Optional[int] = None  # None: n_head (multi-head); fewer: grouped-query attention
     d_model: int = 128
     intermediate_size: Optional[int] = None  # None: ~8/3 * d_model rounded up to a multiple of 64
+    head_dim: Optional[int] = None  # None: d_model // n_head; explicit after structured pruning removes heads
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -41,16 +42,14 @@ class SlimPajamaConfig:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head size {self.head_dim} must be even for rotary embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
     @property
     def n_query_groups(self) -> int:

@@ -61,8 +61,7 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> SlimPajamaConfig:
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     kwargs = {ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf}
     kwargs["rope_theta"] = theta
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    kwargs["head_dim"] = hf.get("head_dim")  # None: hidden_size / num_attention_heads
     return SlimPajamaConfig(**kwargs)
 
 
