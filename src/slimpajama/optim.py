@@ -31,3 +31,13 @@ def warmup_cosine(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: fl
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def lightning_optimizers(model: torch.nn.Module, optimizer_factory, scheduler_factory=None):
+    """What a stage's `configure_optimizers` returns: the optimizer partial from config completed with
+    `param_groups(model)` (its own weight_decay), and the scheduler partial stepped every optimizer step."""
+    weight_decay = getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+    optimizer = optimizer_factory(params=param_groups(model, weight_decay=weight_decay))
+    if scheduler_factory is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"}}

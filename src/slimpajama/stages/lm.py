@@ -9,7 +9,7 @@ from torchmetrics import MeanMetric
 
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.model import SlimPajamaConfig
-from slimpajama.optim import param_groups
+from slimpajama.optim import lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,4 @@ class LanguageModelModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self):
-        groups = param_groups(self.model, weight_decay=self.optimizer_factory.keywords.get("weight_decay", 0.0))
-        optimizer = self.optimizer_factory(params=groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory)
