@@ -10,42 +10,7 @@ import torch
 
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
-CONTROL = ["<|style:formal|>", "<|task:translate|>"]
-VOCAB = 512
-LINES = (
-    "the of and to in is was for that with as on by at from this are be it an have which one not but all",
-    "they their there were when more time about would into year first city world people state part new",
-    "music school river house water light small large north south early later during between under",
-)
-WORDS = [word for line in LINES for word in line.split()]
-HANZI = "写一篇正式的文章我们在中国人大学生时间工作问题今天天气很好明年会去北京上海和朋友一起学习语言"
-
-
-def english(rng: random.Random) -> str:
-    sentences = []
-    for _ in range(rng.randint(2, 5)):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 14))]
-        words[0] = words[0].capitalize()
-        if rng.random() < 0.3:
-            words.insert(rng.randint(1, len(words) - 1), str(rng.randint(1, 2024)))
-        text = " ".join(words)
-        if rng.random() < 0.3:
-            text = text.replace(" ", ", ", 1)
-        sentences.append(text + rng.choice(".!?"))
-    return " ".join(sentences)
-
-
-def chinese(rng: random.Random) -> str:
-    return "".join(rng.choice(HANZI) for _ in range(rng.randint(10, 40))) + rng.choice("。！？")
-
-
-@pytest.fixture(scope="module")
-def tok() -> SlimPajamaTokenizer:
-    rng = random.Random(0)
-    texts = [english(rng) + ("\n" + english(rng) if i % 3 == 0 else "") for i in range(600)]
-    texts += [chinese(rng) for _ in range(300)]
-    texts += [f"{CONTROL[0]}{english(rng)}" for _ in range(20)]  # the trainer never merges control tokens
-    return SlimPajamaTokenizer.train(texts, VOCAB, CONTROL, num_threads=1)
+from conftest import CONTROL, VOCAB, chinese, english  # the `tok` fixture is in conftest too
 
 
 ROUND_TRIP = {

@@ -1,8 +1,71 @@
-"""Autoregressive decoding with the preallocated KV cache: one prefill, then one position per step."""
+"""Autoregressive decoding with the preallocated KV cache: one prefill, then one position per step.
 
-from typing import Optional
+`generate` follows Hugging Face's `generate` (it returns prompt + new ids, batches left-padded
+prompts with an attention mask, stops at EOS or stop strings, streams through `put`/`end`
+streamers) with one deliberate difference: passing `temperature`, `top_k`, `top_p` or `min_p`
+samples unless `do_sample=False` is given; Hugging Face would silently decode greedily.
+
+The logits processors run in Hugging Face's order: repetition penalty, no-repeat n-grams, then
+temperature, top-k, top-p and min-p.
+"""
+
+import queue
+import sys
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+
+
+# ---- logits processors: (B, V) scores in, (B, V) scores out --------------------------------------
+def repetition_penalty_(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty, as in HF: a seen token's logit is divided by `penalty` if positive, multiplied
+    if negative. seen: (B, L) ids already in each sequence (prompt included)."""
+    picked = scores.gather(1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter_(1, seen, picked)
+
+
+def no_repeat_ngram_(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
+    """Forbid any token that would complete an n-gram already in the sequence. seqs: (B, L)."""
+    L = seqs.size(1)
+    if L < n:
+        return scores
+    if n == 1:
+        return scores.scatter_(1, seqs, float("-inf"))
+    grams = seqs.unfold(1, n, 1)  # (B, L - n + 1, n)
+    matches = (grams[:, :, :-1] == seqs[:, L - n + 1 :][:, None, :]).all(-1)  # (B, L - n + 1)
+    rows, cols = matches.nonzero(as_tuple=True)
+    scores[rows, grams[rows, cols, -1]] = float("-inf")
+    return scores
+
+
+def warp(
+    scores: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering (filtered logits become -inf)."""
+    scores = scores.float() / temperature
+    if top_k is not None and 0 < top_k < scores.size(-1):
+        kth = torch.topk(scores, top_k).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of tokens whose probability reaches top_p; e.g. probs (0.5, 0.3, 0.2)
+        # with top_p 0.7 keep the first two: a token goes when the mass *before* it already reaches 0.7
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = sorted_scores.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        sorted_scores = sorted_scores.masked_fill(mass_before >= top_p, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    if min_p is not None and min_p > 0:
+        # keep tokens at least min_p times as likely as the most likely one
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return scores
 
 
 def sample_next(
@@ -10,75 +73,244 @@ def sample_next(
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
     do_sample: bool = True,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Greedy when do_sample is False or temperature is 0."""
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # keep the smallest set of tokens whose probability reaches top_p; e.g. probs (0.5, 0.3, 0.2)
-        # with top_p 0.7 keep the first two: a token goes when the mass *before* it already reaches 0.7
-        sorted_logits, order = torch.sort(logits, descending=True)
-        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    probs = warp(logits, temperature, top_k, top_p, min_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- streamers ------------------------------------------------------------------------------------
+class TextStreamer:
+    """Receives ids through `put` (the prompt first, then each new token) and `end`, and calls
+    `on_text` with each new piece of text as soon as it is complete UTF-8 (byte-fallback tokens of
+    one character arrive separately). Default `on_text`: print to stdout. Batch size 1, as HF's."""
+
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True,
+        on_text: Optional[Callable[[str], None]] = None,
+    ):
+        self.tokenizer, self.skip_prompt, self.skip_special_tokens = tokenizer, skip_prompt, skip_special_tokens
+        self.prints = on_text is None
+        self.on_text = on_text or (lambda text: print(text, end="", flush=True))
+        self.ids: list[int] = []
+        self.anchor: list[int] = []  # the last prompt token: decoding after it keeps a leading space
+        self.printed = ""
+        self.prompt_seen = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(value)
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            if self.skip_prompt:
+                self.anchor = ids[-1:]
+                return
+        self.ids += ids
+        text = self._decode(self.anchor + self.ids)[len(self._decode(self.anchor)) :]
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            return
+        new, self.printed = text[len(self.printed) :], text
+        if new:
+            self.on_text(new)
+
+    def end(self) -> None:
+        text = self._decode(self.anchor + self.ids)[len(self._decode(self.anchor)) :]
+        if len(text) > len(self.printed):
+            self.on_text(text[len(self.printed) :])
+        if self.prints:
+            print(flush=True)
+        self.ids, self.anchor, self.printed, self.prompt_seen = [], [], "", False
+
+
+class TextIteratorStreamer(TextStreamer):
+    """A streamer to iterate over in another thread while `generate` runs:
+
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        Thread(target=model.generate, args=(ids,), kwargs=dict(streamer=streamer, ...)).start()
+        for text in streamer: print(text, end="")
+    """
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True, timeout=None):
+        super().__init__(tokenizer, skip_prompt, skip_special_tokens, on_text=self._enqueue)
+        self.queue: queue.Queue = queue.Queue()
+        self.timeout = timeout
+
+    def _enqueue(self, text: str) -> None:
+        self.queue.put(text)
+
+    def end(self) -> None:
+        super().end()
+        self.queue.put(None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        text = self.queue.get(timeout=self.timeout)
+        if text is None:
+            raise StopIteration
+        return text
+
+
+# ---- stop strings -------------------------------------------------------------------------------
+class StopStrings:
+    """Stops a row once its new text contains any of `strings`. Decodes only the last tokens that
+    could hold the longest string (each character is at most 4 byte-fallback tokens)."""
+
+    def __init__(self, strings: Union[str, Sequence[str]], tokenizer):
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=[...], tokenizer=tokenizer)")
+        self.strings = [strings] if isinstance(strings, str) else list(strings)
+        self.tokenizer = tokenizer
+        self.window = 4 * max(len(s) for s in self.strings) + 2
+
+    def __call__(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """new_ids (B, n) generated so far -> (B,) bool: a stop string has appeared."""
+        tail = new_ids[:, -self.window :].tolist()
+        return torch.tensor(
+            [any(s in self.tokenizer.decode(row, skip_special_tokens=False) for s in self.strings) for row in tail],
+            device=new_ids.device,
+        )
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def _eos_ids(eos_token_id, default) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = default
+    if eos_token_id is None:
+        return []
+    return list(eos_token_id) if isinstance(eos_token_id, Iterable) else [int(eos_token_id)]
 
 
 @torch.no_grad()
 def generate(
     model,
     input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
     max_length: Optional[int] = None,
     max_new_tokens: Optional[int] = None,
     do_sample: Optional[bool] = None,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    eos_token_id: Optional[int] = None,
+    min_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+    pad_token_id: Optional[int] = None,
+    stop_strings: Optional[Union[str, Sequence[str]]] = None,
+    tokenizer=None,
+    num_return_sequences: int = 1,
     seed: Optional[int] = None,
-    **_ignored,  # other generation_config.json keys (bos/pad ids ...) are not used here
+    generator: Optional[torch.Generator] = None,
+    streamer=None,
+    use_cache: bool = True,
+    **_unused,  # other generation_config.json keys (bos_token_id, transformers_version ...)
 ) -> torch.Tensor:
-    """Returns prompt + new ids (B, T + n). Passing temperature, top_k or top_p samples unless
-    do_sample=False; with none of them decoding is greedy."""
+    """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding)
+    -> (B * num_return_sequences, T + n): prompt + new ids; rows that finish early are filled with
+    `pad_token_id`. Greedy unless sampling is asked for (`do_sample=True`, or any of temperature,
+    top_k, top_p, min_p given without `do_sample=False`). `max_new_tokens` wins over `max_length`
+    (prompt included); with neither, decoding runs to the model's `max_seq_len`.
+    `use_cache=False` recomputes the whole prefix every step (for comparison only)."""
+    config = model.config
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
     if do_sample is None:
-        do_sample = temperature is not None or top_k is not None or top_p is not None
-    temperature = 1.0 if temperature is None else temperature
+        do_sample = any(v is not None for v in (temperature, top_k, top_p, min_p))
+    temperature = 1.0 if temperature is None else float(temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    eos = _eos_ids(eos_token_id, config.eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    device = input_ids.device
+    if attention_mask is None:
+        # as HF, infer the mask from the pad token, but only leading pads count as padding
+        attention_mask = ((input_ids != pad).cumsum(1) > 0).long()
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("a prompt ends with padding: pad on the left (tokenizer(..., padding_side='left'))")
+    if num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+        attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
+    if streamer is not None and input_ids.size(0) > 1:
+        raise ValueError("streamer works with one sequence at a time (batch size 1, num_return_sequences 1)")
+
     B, T = input_ids.shape
-    limit = model.config.max_seq_len
+    limit = config.max_seq_len
     if max_new_tokens is None:
         max_new_tokens = (max_length or limit) - T
+    if T > limit:
+        raise ValueError(f"the prompt has {T} tokens but the model's max_seq_len is {limit}")
     total = min(T + max_new_tokens, limit)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+    eos_t = torch.tensor(eos, device=device) if eos else None
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     if total <= T:
+        if streamer is not None:
+            streamer.end()
         return input_ids
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+
+    out = torch.full((B, total), pad, dtype=torch.long, device=device)
+    out[:, :T] = input_ids
+    mask = torch.ones(B, total, dtype=torch.long, device=device)  # future slots are masked causally
+    mask[:, :T] = attention_mask
+    left_padded = bool((attention_mask == 0).any())
+    # rotary positions: prompt positions skip the padding, new tokens continue from the last real one
+    position_ids = torch.empty(B, total, dtype=torch.long, device=device)
+    position_ids[:, :T] = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    position_ids[:, T:] = attention_mask.sum(1, keepdim=True) - T + torch.arange(T, total, device=device)
+
+    def forward(start: int, end: int) -> torch.Tensor:
+        """Logits (B, V) at slot end - 1, after feeding slots start .. end - 1 (all of them without cache)."""
+        kwargs = {"attention_mask": mask[:, : total if use_cache else end]} if left_padded else {}
+        if left_padded:
+            kwargs["position_ids"] = position_ids[:, start:end]
+        if not use_cache:
+            return model(out[:, :end], **kwargs)[:, -1]
+        return model(out[:, start:end], input_pos=torch.arange(start, end, device=device), **kwargs)[:, -1]
 
     was_training = model.training
     model.eval()
-    model.setup_kv_cache(B, total)
+    if use_cache:
+        model.setup_kv_cache(B, total)
     try:
-        out = torch.empty(B, total, dtype=torch.long, device=input_ids.device)
-        out[:, :T] = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = model(input_ids, input_pos=torch.arange(T, device=input_ids.device))[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits = forward(0, T)  # the prefill
         for pos in range(T, total):
-            nxt = sample_next(logits, temperature, top_k, top_p, do_sample, generator)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            if repetition_penalty != 1.0:
+                logits = repetition_penalty_(logits.float(), out[:, :pos], repetition_penalty)
+            if no_repeat_ngram_size > 0:
+                logits = no_repeat_ngram_(logits.float(), out[:, :pos], no_repeat_ngram_size)
+            nxt = sample_next(logits, temperature, top_k, top_p, min_p, do_sample, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, pos] = nxt
-            done |= nxt == eos
-            if done.all() or pos + 1 == total:
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if eos_t is not None:
+                done |= torch.isin(nxt, eos_t)
+            if stops is not None:
+                done |= stops(out[:, T : pos + 1])
+            if bool(done.all()) or pos + 1 == total:
                 return out[:, : pos + 1]
-            logits = model(nxt[:, None], input_pos=torch.tensor([pos], device=input_ids.device))[:, -1]
+            logits = forward(pos if use_cache else 0, pos + 1)  # one position per step with the cache
         return out
     finally:
-        model.clear_kv_cache()
+        if use_cache:
+            model.clear_kv_cache()
         model.train(was_training)
+        if streamer is not None:
+            streamer.end()

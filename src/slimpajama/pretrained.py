@@ -10,12 +10,12 @@ fused again on load.
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimpajama.model import SlimPajamaConfig, Transformer
+from slimpajama.model import SlimPajamaConfig, Transformer, rope_cache
 from slimpajama.registry import resolve_model
 
 CONFIG_FILE = "config.json"
@@ -127,42 +127,73 @@ class SlimPajamaModel(Transformer):
 
     @classmethod
     def from_pretrained(
-        cls, directory: Union[str, os.PathLike], dtype: torch.dtype = None, device: Union[str, torch.device] = "cpu"
+        cls,
+        name_or_path: Union[str, os.PathLike],
+        torch_dtype: Optional[Union[str, torch.dtype]] = None,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[Union[str, torch.dtype]] = None,
     ) -> "SlimPajamaModel":
-        """directory: a saved folder or a name of the local model index (see `slimpajama.registry`)."""
-        directory = resolve_model(directory)
+        """Load a saved folder, or a name of the local model index (`slimpajama`, `slimpajama/<stage>`:
+        see `slimpajama.registry`). Weights are read from safetensors only (never unpickled); a tensor
+        whose shape disagrees with config.json is an error. torch_dtype (or dtype): e.g. "bfloat16",
+        "auto" (as saved); default float32 like transformers. Returns the model in eval mode."""
+        directory = resolve_model(name_or_path)
         config_path = directory / CONFIG_FILE
-        config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
+        hf_config = json.loads(config_path.read_text())
+        config = config_from_hf(hf_config, str(config_path))
         if (directory / WEIGHTS_FILE).is_file():
-            hf_sd = load_file(str(directory / WEIGHTS_FILE))
+            files = [directory / WEIGHTS_FILE]
         elif (directory / WEIGHTS_INDEX).is_file():  # sharded, as transformers writes large models
             index = json.loads((directory / WEIGHTS_INDEX).read_text())
-            hf_sd = {}
-            for shard in sorted(set(index["weight_map"].values())):
-                hf_sd.update(load_file(str(directory / shard)))
+            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
         else:
-            raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} found")
+            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+            raise FileNotFoundError(
+                f"{directory}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} found"
+                + (f" ({', '.join(pickled)} are pickles, which we never load: convert them to safetensors)" if pickled else "")
+            )
+        hf_sd = {}
+        for f in files:
+            hf_sd.update(load_file(str(f)))
         with torch.device("meta"):
             model = cls(config)
         sd = state_dict_from_hf(hf_sd, config)
-        model.load_state_dict(sd, strict=False, assign=True)  # rope buffers are not saved
-        missing = {n for n, _ in model.named_parameters()} - set(sd)
+        expected = model.state_dict()  # every parameter name, tied lm_head included
+        missing = sorted(set(expected) - set(sd))
         if missing:
-            raise ValueError(f"{directory / WEIGHTS_FILE}: missing weights {sorted(missing)[:5]}")
+            raise ValueError(f"{files[0]}: missing weights {missing[:5]}")
+        for name, t in sd.items():
+            if name in expected and t.shape != expected[name].shape:
+                raise ValueError(
+                    f"{files[0]}: {name} has shape {tuple(t.shape)} but {config_path} implies "
+                    f"{tuple(expected[name].shape)}: the weights and the config disagree"
+                )
+        unexpected = sorted(set(sd) - set(expected))
+        if unexpected:
+            raise ValueError(f"{files[0]}: unexpected weights {unexpected[:5]} for the config in {config_path}")
+        model.load_state_dict(sd, strict=False, assign=True)  # rope buffers are not saved
         if config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        from slimpajama.model import rope_cache
-
         model.cos, model.sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta)
         model.generation_config = {}
         if (directory / GENERATION_CONFIG_FILE).is_file():
             model.generation_config = json.loads((directory / GENERATION_CONFIG_FILE).read_text())
-        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        if dtype == "auto":
+            dtype = hf_config.get("torch_dtype", "float32")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+        model = model.to(device=device, dtype=dtype)
+        model.cos, model.sin = model.cos.float(), model.sin.float()  # rotary tables stay float32
         return model.eval()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        from slimpajama.generation import generate
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Hugging Face-style generation (see `slimpajama.generation.generate` for every option);
+        defaults come from the folder's generation_config.json. Passing temperature, top_k, top_p or
+        min_p samples unless do_sample=False is passed too."""
+        from slimpajama.generation import SAMPLING_KEYS, generate
 
-        defaults = getattr(self, "generation_config", {}) or {}
-        return generate(self, input_ids, **{**defaults, **kwargs})
+        defaults = dict(getattr(self, "generation_config", None) or {})
+        if "do_sample" not in kwargs and any(kwargs.get(k) is not None for k in SAMPLING_KEYS):
+            kwargs["do_sample"] = True  # the user asked for a sampling knob: sample
+        return generate(self, input_ids, attention_mask=attention_mask, **{**defaults, **kwargs})

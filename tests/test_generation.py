@@ -1,0 +1,283 @@
+"""generate(): the Hugging Face-style signature, sampling rules, left-padded batches, the KV cache,
+streaming, stop strings, logits processors, from_pretrained's checks, and parity with transformers."""
+
+import inspect
+import json
+import threading
+
+import pytest
+import torch
+
+from slimpajama import SlimPajamaConfig, SlimPajamaModel
+from slimpajama.generation import TextIteratorStreamer, TextStreamer, generate, no_repeat_ngram_, repetition_penalty_, warp
+
+from conftest import CONTROL, VOCAB
+
+
+def tiny(**kw) -> SlimPajamaConfig:
+    return SlimPajamaConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32,
+                               "intermediate_size": 64, "max_seq_len": 96, **kw})
+
+
+@pytest.fixture(scope="module")
+def model() -> SlimPajamaModel:
+    torch.manual_seed(0)
+    return SlimPajamaModel(tiny()).eval()
+
+
+def greedy(model, ids, n=12, **kw):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=-1, **kw)
+
+
+def test_signature_has_every_documented_option():
+    names = set(inspect.signature(generate).parameters)
+    assert {"input_ids", "attention_mask", "max_length", "max_new_tokens", "do_sample", "temperature", "top_k",
+            "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "eos_token_id", "stop_strings",
+            "num_return_sequences", "seed", "generator", "streamer"} <= names
+
+
+def test_returns_prompt_plus_new_ids_and_max_length_counts_the_prompt(model):
+    ids = torch.randint(4, VOCAB, (1, 7))
+    out = greedy(model, ids, n=5)
+    assert out.shape == (1, 12) and torch.equal(out[:, :7], ids)
+    assert model.generate(ids, max_length=10, do_sample=False, eos_token_id=-1).shape == (1, 10)
+    assert model.generate(ids, max_length=10, max_new_tokens=3, eos_token_id=-1).shape == (1, 10)  # max_new_tokens wins
+    assert greedy(model, ids, n=500).shape == (1, 96)  # capped at max_seq_len
+
+
+def test_a_sampling_knob_samples_and_do_sample_false_is_greedy(model):
+    ids = torch.randint(4, VOCAB, (1, 5))
+    runs = {tuple(model.generate(ids, max_new_tokens=20, temperature=0.9, seed=s, eos_token_id=-1)[0].tolist()) for s in range(4)}
+    assert len(runs) > 1  # temperature alone means sampling
+    same = [model.generate(ids, max_new_tokens=20, temperature=0.9, seed=3, eos_token_id=-1) for _ in range(2)]
+    assert torch.equal(*same)  # a seed reproduces
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, temperature=0.9, generator=g, eos_token_id=-1), same[0])
+    assert torch.equal(model.generate(ids, max_new_tokens=20, temperature=0.9, do_sample=False, eos_token_id=-1),
+                       greedy(model, ids, 20))
+    assert torch.equal(model.generate(ids, max_new_tokens=20, top_k=1, seed=0, eos_token_id=-1), greedy(model, ids, 20))
+    assert torch.equal(model.generate(ids, max_new_tokens=20, temperature=0, eos_token_id=-1), greedy(model, ids, 20))
+
+
+def test_defaults_come_from_generation_config_json(tmp_path):
+    torch.manual_seed(0)
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path, generation_config={"max_new_tokens": 6, "eos_token_id": -1})
+    loaded = SlimPajamaModel.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["max_new_tokens"] == 6
+    ids = torch.randint(4, VOCAB, (1, 5))
+    assert loaded.generate(ids).shape == (1, 11)
+    assert loaded.generate(ids, max_new_tokens=2).shape == (1, 7)  # an argument beats the file
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_left_padded_batch_gives_each_prompts_own_greedy_output(n_kv_head):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(n_kv_head=n_kv_head)).eval()
+    prompts = [torch.randint(4, VOCAB, (n,)) for n in (9, 3, 6)]
+    alone = [greedy(model, p[None], n=15)[0] for p in prompts]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), model.config.pad_token_id)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    batched = greedy(model, ids, n=15, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        assert torch.equal(batched[i, width - len(p):], alone[i]), i
+    assert torch.equal(greedy(model, ids, n=15), batched)  # the mask is inferred from leading pad tokens
+
+
+def test_right_padding_is_refused(model):
+    ids = torch.randint(4, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    with pytest.raises(ValueError, match="pad on the left"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3)
+
+
+def test_kv_cache_decodes_one_position_per_step_and_matches_no_cache(model):
+    seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    ids = torch.randint(4, VOCAB, (2, 10))
+    try:
+        out = greedy(model, ids, n=8)
+    finally:
+        hook.remove()
+    assert seen == [(2, 10)] + [(2, 1)] * 7  # a prefill, then one position per new token
+    assert torch.equal(out, greedy(model, ids, n=8, use_cache=False))
+    assert all(block.self_attn.kv_cache is None for block in model.layers)  # the cache is released
+
+
+def test_num_return_sequences_repeats_each_prompt(model):
+    ids = torch.randint(4, VOCAB, (2, 5))
+    out = model.generate(ids, max_new_tokens=10, temperature=1.0, num_return_sequences=3, seed=0, eos_token_id=-1)
+    assert out.shape == (6, 15)
+    for i in range(6):
+        assert torch.equal(out[i, :5], ids[i // 3])
+    assert len({tuple(r) for r in out[:3, 5:].tolist()}) > 1  # samples of one prompt differ
+
+
+def test_eos_stops_a_row_and_pads_the_rest(model):
+    ids = torch.randint(4, VOCAB, (2, 5))
+    free = greedy(model, ids, n=10)
+    eos = int(free[0, 7])  # the third new token of row 0 becomes its end
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=[eos, 10_000])
+    first = (out[0, 5:] == eos).nonzero()[0].item() + 5
+    assert torch.equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first + 1 :] == model.config.pad_token_id).all()
+    if (free[1, 5:] == eos).any():
+        return
+    assert torch.equal(out[1], free[1, : out.size(1)])
+
+
+def test_repetition_penalty_matches_hand_computation():
+    scores = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = repetition_penalty_(scores.clone(), torch.tensor([[0, 1, 1]]), 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+
+
+def test_no_repeat_ngram_bans_the_completing_token():
+    seqs = torch.tensor([[5, 6, 7, 5, 6]])  # "5 6" was followed by 7: with n=3 token 7 is banned next
+    out = no_repeat_ngram_(torch.zeros(1, 10), seqs, 3)
+    assert out[0, 7] == float("-inf") and (out[0, torch.arange(10) != 7] == 0).all()
+    assert (no_repeat_ngram_(torch.zeros(1, 10), seqs, 1)[0, [5, 6, 7]] == float("-inf")).all()
+
+
+def test_no_repeat_ngram_in_generation(model):
+    ids = torch.randint(4, VOCAB, (1, 4))
+    out = model.generate(ids, max_new_tokens=60, do_sample=False, no_repeat_ngram_size=2, eos_token_id=-1)[0].tolist()
+    bigrams = list(zip(out, out[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_warpers_match_hand_computation():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda s: (s > float("-inf")).squeeze(0).tolist()  # noqa: E731
+    assert keep(warp(logits, top_k=2)) == [True, True, False, False]
+    assert keep(warp(logits, top_p=0.7)) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
+    assert keep(warp(logits, top_p=0.85)) == [True, True, True, False]
+    assert keep(warp(logits, min_p=0.5)) == [True, True, False, False]  # >= 0.5 * 0.5
+    torch.testing.assert_close(warp(logits, temperature=2.0), logits / 2.0)
+
+
+def test_text_streamer_sends_text_as_it_is_made(model, tok):
+    ids = tok.encode("写一篇 the river", return_tensors="pt")
+    pieces = []
+    streamer = TextStreamer(tok, skip_prompt=True, on_text=pieces.append)
+    out = model.generate(ids, max_new_tokens=30, temperature=1.0, seed=1, eos_token_id=-1, streamer=streamer)
+    new_text = tok.decode(out[0, ids.size(1):], skip_special_tokens=True)
+    assert len(pieces) > 5 and "".join(pieces) == new_text
+    assert not any("\ufffd" in p for p in pieces) or "\ufffd" in new_text
+
+
+def test_iterator_streamer_in_a_thread(model, tok):
+    ids = tok.encode("the city", return_tensors="pt")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=greedy(model, ids, n=20, streamer=streamer)))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == tok.decode(result["out"][0, ids.size(1):], skip_special_tokens=True)
+
+
+def test_stop_strings_stop_after_the_string(model, tok):
+    ids = tok.encode("the river", return_tensors="pt")
+    free = greedy(model, ids, n=40)
+    new = free[0, ids.size(1):]
+    text = tok.decode(new)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=-1, stop_strings=[stop], tokenizer=tok)
+    got = tok.decode(out[0, ids.size(1):])
+    assert stop in got and stop not in tok.decode(out[0, ids.size(1):-1])  # stops at the token that completes it
+    assert torch.equal(out[0], free[0, : out.size(1)])
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(ids, max_new_tokens=5, stop_strings=["x"])
+
+
+def test_the_issue_example_runs(tmp_path, tok, capsys):
+    torch.manual_seed(0)
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    from slimpajama import SlimPajamaModel as M, SlimPajamaTokenizer as T
+
+    model = M.from_pretrained(tmp_path)
+    tokenizer = T.from_pretrained(tmp_path)
+    input_ids = tokenizer.encode("写一篇正式的文章", return_tensors="pt")
+    output = model.generate(input_ids, max_length=500, temperature=0.7)
+    assert output.shape[1] > input_ids.shape[1] and torch.equal(output[:, : input_ids.size(1)], input_ids)
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+    assert capsys.readouterr().out.strip()
+
+
+# ---- from_pretrained ----------------------------------------------------------------------------------
+def test_from_pretrained_resolves_registry_names(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    run = tmp_path / "logs" / "pretrain" / "runs" / "r1"
+    SlimPajamaModel(tiny()).save_pretrained(run / "model")
+    (tmp_path / "logs" / "latest").mkdir(parents=True)
+    (tmp_path / "logs" / "latest" / "pretrain").symlink_to(run)
+    monkeypatch.setenv("SLIMPAJAMA_LOG_DIR", str(tmp_path / "logs"))
+    for name in ("slimpajama", "slimpajama/pretrain", "pretrain", str(run)):
+        assert SlimPajamaModel.from_pretrained(name).config == tiny(), name
+    with pytest.raises(FileNotFoundError, match="stage=distill"):
+        SlimPajamaModel.from_pretrained("slimpajama/distill")
+    with pytest.raises(FileNotFoundError, match="not a registered name"):
+        SlimPajamaModel.from_pretrained("no-such-model")
+
+
+def test_from_pretrained_refuses_pickles_and_shape_mismatches(tmp_path):
+    torch.manual_seed(0)
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match=r"mlp\..*\.weight has shape .* disagree"):
+        SlimPajamaModel.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin are pickles"):
+        SlimPajamaModel.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_dtype_and_device(tmp_path):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny())
+    model.save_pretrained(tmp_path)
+    bf16 = SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="bfloat16", device="cpu")
+    assert bf16.lm_head.weight.dtype == torch.bfloat16 and bf16.lm_head.weight.device.type == "cpu"
+    assert SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto").lm_head.weight.dtype == torch.float32
+    assert SlimPajamaModel.from_pretrained(tmp_path, dtype=torch.float64).lm_head.weight.dtype == torch.float64
+    ids = torch.randint(4, VOCAB, (1, 6))
+    assert greedy(bf16, ids, n=5).shape == (1, 11)
+
+
+# ---- Hugging Face parity --------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie,n_kv_head", [(False, 4), (True, 2), (False, 1)])
+def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, tok, tie, n_kv_head):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(tie_embeddings=tie, n_kv_head=n_kv_head))
+    with torch.no_grad():  # a sharper distribution than at init, so greedy paths are not near-ties
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ours = SlimPajamaModel.from_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = ["The city by the river was new.", "写一篇正式的文章", f"{CONTROL[0]}the music school"]
+    for text in texts:
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text
+    ids = torch.tensor([tok.encode(texts[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    for text in texts:
+        ids = torch.tensor([tok.encode(text)])
+        expected = hf.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=3)
+        mine = ours.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=-1)
+        assert torch.equal(mine, expected), text
+    # a left-padded batch as transformers would build it
+    batch = hf_tok([t for t in texts], padding=True, padding_side="left", return_tensors="pt")
+    expected = hf.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=3)
+    mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16,
+                         do_sample=False, eos_token_id=-1)
+    assert torch.equal(mine, expected)
