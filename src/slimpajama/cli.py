@@ -1,0 +1,129 @@
+"""`slimpajama-generate`: load a saved model, stream a generation to the terminal, or chat.
+
+    slimpajama-generate --prompt "The Congress"                       # newest finished model
+    slimpajama-generate logs/latest/finetune/model --control "<|style:formal|>" --prompt "..." \
+        --temperature 0.7 --top-p 0.9 --max-new-tokens 200
+    slimpajama-generate slimpajama/finetune --chat --control "<|task:dialogue|>"
+
+The prompt is built with the model's `prompt_template` (saved in generation_config.json by the
+fine-tuning stage; default "{control}{input}"), so a control signal lands where training put it.
+"""
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+from slimpajama.generation import TextStreamer
+from slimpajama.pretrained import SlimPajamaModel
+from slimpajama.tokenizer import SlimPajamaTokenizer
+
+DEFAULT_TEMPLATE = "{control}{input}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimpajama-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="slimpajama",
+                   help="a model folder, or a registry name: slimpajama (newest finished model), slimpajama/<stage>")
+    p.add_argument("-p", "--prompt", help="the prompt (read from stdin when omitted and not --chat)")
+    p.add_argument("-c", "--control", default="", help='a control token such as "<|style:formal|>" or an instruction')
+    p.add_argument("--chat", action="store_true", help="interactive chat: one line per turn, empty line or Ctrl-D ends")
+    g = p.add_argument_group("decoding (as in generate(); a sampling option samples unless --greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
+    g.add_argument("--greedy", action="store_true", help="do_sample=False")
+    g.add_argument("--do-sample", action="store_true", help="sample with the model's defaults")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    r = p.add_argument_group("runtime")
+    r.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    return p
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop_strings": args.stop,
+        "num_return_sequences": args.num_return_sequences, "seed": args.seed,
+    }
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if args.greedy:
+        kwargs["do_sample"] = False
+    elif args.do_sample:
+        kwargs["do_sample"] = True
+    return kwargs
+
+
+def format_prompt(template: str, control: str, text: str) -> str:
+    return template.format(control=control, input=text)
+
+
+def complete(model, tokenizer, prompt: str, kwargs: dict, stream: bool, out=None) -> list[str]:
+    """Generate from `prompt`; stream the text to `out` (stdout) when asked (one sequence). Returns the new texts."""
+    out = out or sys.stdout
+    ids = tokenizer.encode(prompt, return_tensors="pt").to(model.lm_head.weight.device)
+    streamer = None
+    if stream and kwargs.get("num_return_sequences", 1) == 1:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, on_text=lambda t: (out.write(t), out.flush()))
+    output = model.generate(ids, tokenizer=tokenizer, streamer=streamer, **kwargs)
+    texts = [tokenizer.decode(row[ids.size(1):], skip_special_tokens=True) for row in output]
+    if streamer is None:
+        for i, text in enumerate(texts):
+            out.write((f"--- {i + 1} ---\n" if len(texts) > 1 else "") + text + "\n")
+    else:
+        out.write("\n")
+    return texts
+
+
+def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None) -> None:
+    """Turns are `template` (control + the user's line) followed by the model's reply; a reply ends at a
+    newline or EOS. The conversation is cut from the left to leave room for the reply."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    kwargs = {"max_new_tokens": 64, **kwargs, "num_return_sequences": 1}
+    kwargs["stop_strings"] = list(kwargs.get("stop_strings") or []) + ["\n"]
+    history = ""
+    budget = model.config.max_seq_len - kwargs["max_new_tokens"]
+    while True:
+        out.write("> ")
+        out.flush()
+        line = inp.readline()
+        if not line.strip():
+            return
+        turn = format_prompt(template, args.control, line.strip())
+        if not turn.endswith("\n"):
+            turn += "\n"
+        context = history + turn
+        ids = tokenizer.encode(context, add_special_tokens=False)
+        if len(ids) > budget - 1:  # keep the newest tokens; the bos token starts the window
+            context = tokenizer.decode(ids[-(budget - 1):])
+        reply = complete(model, tokenizer, context, kwargs, stream=not args.no_stream, out=out)[0]
+        history = context + reply.rstrip("\n") + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
+    template = (getattr(model, "generation_config", {}) or {}).get("prompt_template", DEFAULT_TEMPLATE)
+    kwargs = generation_kwargs(args)
+    if args.chat:
+        chat(model, tokenizer, args, kwargs, template)
+        return 0
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    complete(model, tokenizer, format_prompt(template, args.control, text), kwargs, stream=not args.no_stream)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

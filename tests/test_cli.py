@@ -1,0 +1,70 @@
+"""The generation command line: streams to the terminal, every sampling option, control signals, chat."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimpajama import SlimPajamaConfig, SlimPajamaModel
+from slimpajama.cli import build_parser, chat, generation_kwargs, main
+
+from conftest import CONTROL, VOCAB
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    config = SlimPajamaConfig(vocab_size=VOCAB, n_layer=2, n_head=4, d_model=32, intermediate_size=64, max_seq_len=128)
+    SlimPajamaModel(config).save_pretrained(path, generation_config={"prompt_template": "{control}{input}\n"})
+    tok.save_pretrained(path)
+    return path
+
+
+def test_every_sampling_option_reaches_generate():
+    args = build_parser().parse_args(
+        ["m", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--min-p", "0.1", "--repetition-penalty", "1.2",
+         "--no-repeat-ngram-size", "3", "--stop", "END", "--stop", "\n\n", "--num-return-sequences", "2", "--seed", "4",
+         "--max-new-tokens", "9"])
+    assert generation_kwargs(args) == {
+        "temperature": 0.7, "top_k": 5, "top_p": 0.9, "min_p": 0.1, "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 3, "stop_strings": ["END", "\n\n"], "num_return_sequences": 2, "seed": 4,
+        "max_new_tokens": 9}
+    assert generation_kwargs(build_parser().parse_args(["m", "--greedy", "--temperature", "1"]))["do_sample"] is False
+
+
+def test_prompt_with_control_streams_the_greedy_continuation(folder, tok, capsys):
+    assert main([str(folder), "--prompt", "the river", "--control", CONTROL[0], "--greedy", "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    ids = tok.encode(f"{CONTROL[0]}the river\n", return_tensors="pt")  # the folder's prompt_template
+    expected = SlimPajamaModel.from_pretrained(folder).generate(ids, max_new_tokens=12, do_sample=False)
+    assert printed == tok.decode(expected[0, ids.size(1):], skip_special_tokens=True) + "\n"
+
+
+def test_several_sequences_are_numbered(folder, capsys):
+    main([str(folder), "-p", "the", "--temperature", "1.0", "--num-return-sequences", "2", "--seed", "0",
+          "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert "--- 1 ---" in out and "--- 2 ---" in out
+
+
+def test_chat_keeps_the_conversation(folder, tok):
+    model = SlimPajamaModel.from_pretrained(folder)
+    args = build_parser().parse_args([str(folder), "--chat", "--greedy", "--max-new-tokens", "8"])
+    out = io.StringIO()
+    prompts = []
+    original = model.generate
+    model.generate = lambda ids, **kw: prompts.append(tok.decode(ids[0], skip_special_tokens=True)) or original(ids, **kw)
+    chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO("hello\nthe city\n\n"), out=out)
+    assert len(prompts) == 2 and prompts[0] == "hello\n"
+    assert prompts[1].startswith("hello\n") and prompts[1].endswith("the city\n")  # the first turn is kept
+    assert out.getvalue().count("> ") == 3
+
+
+def test_console_entry_point_runs(folder):
+    result = subprocess.run([sys.executable, "-m", "slimpajama.cli", str(folder), "-p", "the city", "--greedy",
+                             "--max-new-tokens", "4", "--no-stream"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
