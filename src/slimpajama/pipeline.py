@@ -52,6 +52,8 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     out = Path(cfg.paths.output_dir)
     model_dir = out / "model"
     module.model.save_pretrained(model_dir)
+    if hasattr(module, "saved_model_metrics"):  # a stage's measurements of the files just written (pruning)
+        metrics.update(module.saved_model_metrics(model_dir))
     tokenizer = datamodule.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
@@ -100,7 +102,9 @@ def run(cfg: DictConfig) -> Optional[float]:
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({k: float(v) for k, v in final.items()})
     metrics.update(datamodule.metrics)
-    metrics["model/params"] = n_params
+    metrics["model/params"] = module.model.num_params()  # after fit: a stage may change the model (pruning)
+    if hasattr(module, "extra_metrics"):  # a stage's own final measurements, e.g. prune/sparsity
+        metrics.update(module.extra_metrics())
     metrics["trainer/global_step"] = trainer.global_step
     for lg in trainer.loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "data/", "model/"))}, trainer.global_step)

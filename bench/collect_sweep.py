@@ -1,0 +1,50 @@
+"""Turn a multirun folder into a table (sweep.csv, sweep.md) and a plot (sweep.png).
+
+    python train.py -m stage=prune prune.method=magnitude,wanda prune.sparsity=0.3,0.5,0.7 prune.recovery=none
+    python bench/collect_sweep.py logs/multiruns/prune/<time>      # or: latest (the newest prune multirun)
+    python bench/collect_sweep.py <folder> --x prune.sparsity --y prune/ppl_pruned --line prune.method
+
+The files are written into the multirun folder (or --out). The dense model's perplexity
+(`prune/ppl_dense`, the same in every job) is drawn as a dashed reference line when present.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from slimpajama.sweep import collect, plot, write_table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a multirun folder (logs/multiruns/<stage>/<time>) or 'latest'")
+    p.add_argument("--log-dir", default="logs", help="where 'latest' looks for multiruns/prune/ (default: logs)")
+    p.add_argument("--x", default="prune.sparsity")
+    p.add_argument("--y", default="val/ppl")
+    p.add_argument("--line", default="prune.method", help="one line per value of this key")
+    p.add_argument("--linear", action="store_true", help="linear y axis (default: log)")
+    p.add_argument("--out", default=None, help="output folder (default: the multirun folder)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    folder = Path(args.folder)
+    if args.folder == "latest":
+        runs = sorted(p for p in (Path(args.log_dir) / "multiruns" / "prune").glob("*") if p.is_dir())
+        if not runs:
+            sys.exit(f"no multirun folder under {Path(args.log_dir) / 'multiruns' / 'prune'}")
+        folder = runs[-1]
+    rows = collect(folder)
+    out = Path(args.out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = write_table(rows, out)
+    dense = [r["prune/ppl_dense"] for r in rows if "prune/ppl_dense" in r]
+    png = plot(rows, out / "sweep.png", x=args.x, y=args.y, line=args.line, logy=not args.linear,
+               reference=dense[0] if dense else None, title=str(folder))
+    print(md_path.read_text())
+    print(f"wrote {csv_path}, {md_path}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

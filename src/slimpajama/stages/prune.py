@@ -1,0 +1,365 @@
+"""Pruning: prune a saved model on calibration batches, then recover by fine-tuning or distillation.
+
+`setup` (before the optimizer exists) loads calibration and evaluation batches from the shared
+DataModule, measures the dense model (validation perplexity, generation tokens/s), and prunes:
+
+- `magnitude` / `wanda`: keep-masks of the configured sparsity (pure maths in `slimpajama.pruning`);
+  the weights keep their shapes, pruned entries are exact zeros. `schedule=gradual` raises the
+  sparsity during training along Zhu & Gupta's cubic schedule, recomputing the masks every
+  `gradual.every` steps (already pruned weights stay pruned).
+- `structured`: Minitron-style width (and optional depth) pruning into a new, smaller dense model.
+
+Recovery: `finetune` (next-token loss; masked weights and their gradients are held at zero after
+every optimizer step), `distill` (the unpruned model as teacher, `losses.linear_distill_loss`), or
+`none` (no training step runs). The saved model has the masks applied, so its zeros are permanent.
+
+metrics.json gets (`extra_metrics`, `saved_model_metrics`): target and achieved sparsity per
+prunable matrix and overall counted on the saved safetensors, parameters and file size before and
+after, validation perplexity dense / pruned / recovered, and generation tokens/s dense / pruned.
+"""
+
+import copy
+import itertools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from torchmetrics import MeanMetric
+
+from slimpajama import pruning
+from slimpajama.losses import linear_cross_entropy, linear_distill_loss
+from slimpajama.optim import lightning_optimizers
+from slimpajama.pretrained import WEIGHTS_FILE, SlimPajamaModel
+from slimpajama.registry import latest_model
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "structured")
+SCHEDULES = ("oneshot", "gradual")
+RECOVERIES = ("finetune", "distill", "none")
+DEFAULT_SCOPE = {"magnitude": "layer", "wanda": "row"}  # prune.scope=null: each method's usual comparison group
+# our fused modules -> the Llama tensors saved for them
+_SAVED_NAMES = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def saved_tensor_names(module_name: str) -> list[str]:
+    """Names in the saved safetensors of the weights of one of our modules (`layers.0.mlp.gate_up` ->
+    `model.layers.0.mlp.gate_proj.weight`, `model.layers.0.mlp.up_proj.weight`)."""
+    if module_name == "lm_head":
+        return ["lm_head.weight"]
+    for fused, parts in _SAVED_NAMES.items():
+        if module_name.endswith(fused):
+            base = module_name.removesuffix(fused)
+            return [f"model.{base}{p}.weight" for p in parts]
+    return [f"model.{module_name}.weight"]
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy per token over (B, T+1) token blocks."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        batch = batch.to(device=device, dtype=torch.long)
+        h = model(batch[:, :-1], apply_head=False)
+        total += float(linear_cross_entropy(h, model.lm_head.weight, batch[:, 1:])) * batch[:, 1:].numel()
+        n += batch[:, 1:].numel()
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def generation_tokens_per_sec(model: SlimPajamaModel, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> float:
+    """Greedy decoding of exactly `new_tokens` (end-of-text disabled) after `prompt` (1, T); the best of
+    `repeats` timed runs after one warm-up."""
+    new_tokens = min(new_tokens, model.config.max_seq_len - prompt.size(1))
+    if new_tokens <= 0:
+        raise ValueError(f"a prompt of {prompt.size(1)} tokens leaves no room in max_seq_len={model.config.max_seq_len}")
+    prompt = prompt.to(next(model.parameters()).device)
+    model.generate(prompt, max_new_tokens=min(4, new_tokens), do_sample=False, eos_token_id=-1)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
+class PruneModule(L.LightningModule):
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+        init_from: Optional[str] = None,
+        log_dir: Optional[str] = None,
+        method: str = "magnitude",
+        sparsity: float = 0.5,
+        scope: Optional[str] = None,
+        prunable: Sequence[str] = pruning.DEFAULT_PRUNABLE,
+        schedule: str = "oneshot",
+        gradual: Optional[dict] = None,
+        recovery: str = "finetune",
+        distill: Optional[dict] = None,
+        structured: Optional[dict] = None,
+        sequential: bool = True,
+        calibration_batches: int = 16,
+        eval_batches: int = 16,
+        generation_tokens: int = 64,
+    ):
+        """init_from: the model to prune (a folder or registry name; None: the newest distilled, else
+        pretrained, model under log_dir). See conf/stage/prune.yaml for every other key."""
+        super().__init__()
+        for key, value, allowed in (("method", method, METHODS), ("schedule", schedule, SCHEDULES),
+                                    ("recovery", recovery, RECOVERIES)):
+            if value not in allowed:
+                raise ValueError(f"prune.{key}={value!r}: expected one of {', '.join(allowed)}")
+        pruning.check_sparsity(sparsity)
+        scope = scope or DEFAULT_SCOPE.get(method)
+        if method != "structured" and scope not in pruning.SCOPES:
+            raise ValueError(f"prune.scope={scope!r}: expected one of {', '.join(pruning.SCOPES)}")
+        if method == "structured" and schedule != "oneshot":
+            raise ValueError("prune.schedule=gradual needs an unstructured method (magnitude or wanda): "
+                             "structured pruning changes the shapes once, before recovery")
+        self.source = Path(init_from) if init_from else latest_model(["distill", "pretrain"], log_dir=log_dir)
+        self.model = SlimPajamaModel.from_pretrained(self.source).train()
+        log.info("pruning %s (%.2fM parameters) by %s to sparsity %s", self.source, self.model.num_params() / 1e6,
+                 method, sparsity)
+        self.method, self.sparsity, self.scope, self.prunable = method, sparsity, scope, list(prunable)
+        self.schedule, self.gradual = schedule, dict(gradual or {})
+        self.recovery, self.distill = recovery, {"kd_ratio": 1.0, "temperature": 1.0, "kind": "forward_kl", **(distill or {})}
+        self.structured = {"heads": None, "channels": None, "hidden": 0.0, "layers": 0.0, "layer_metric": "cosine",
+                           **(structured or {})}
+        self.sequential, self.calibration_batches, self.eval_batches = sequential, calibration_batches, eval_batches
+        self.generation_tokens = generation_tokens
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.save_hyperparameters({"init_from": str(self.source), "method": method, "sparsity": sparsity, "scope": scope,
+                                   "schedule": schedule, "recovery": recovery})
+        pruning.prunable_modules(self.model, self.prunable)  # bad patterns fail here, not after calibration
+        self.dense_params = self.model.num_params()
+        # saved tensor name -> its size in the dense model, per prunable module
+        self.dense_prunable = {n: self._saved_sizes(n, m) for n, m in pruning.prunable_modules(self.model, self.prunable).items()}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.input_norms: dict[str, torch.Tensor] = {}
+        self.current_sparsity = 0.0
+        self.report: dict[str, float] = {}
+        self.pruned = False
+        self.val_loss = MeanMetric()
+
+    def _saved_sizes(self, name: str, module: torch.nn.Module) -> dict[str, int]:
+        c, parts = self.model.config, saved_tensor_names(name)
+        if name.endswith("self_attn.qkv"):
+            rows = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+        else:
+            rows = [module.weight.shape[0] // len(parts)] * len(parts)
+        return {part: r * module.weight.shape[1] for part, r in zip(parts, rows)}
+
+    # ------------------------------------------------------------------ pruning (before the optimizer exists)
+
+    def setup(self, stage: str) -> None:
+        if self.pruned:  # validate() after fit calls setup again
+            return
+        dm = self.trainer.datamodule
+        dm.setup("fit")
+        tokenizer = getattr(dm, "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"{self.source / 'config.json'}: vocab_size {self.model.config.vocab_size} != the data's "
+                             f"tokenizer ({tokenizer.vocab_size}): prune with the corpus and tokenizer the model was "
+                             "trained on (data.tokenizer_path)")
+        device = self.trainer.strategy.root_device
+        self.model.to(device)
+        calibration = list(itertools.islice(iter(dm.train_dataloader()), self.calibration_batches))
+        evaluation = list(itertools.islice(iter(dm.val_dataloader()), self.eval_batches))
+        self.prompt = evaluation[0][:1, :16] if evaluation else calibration[0][:1, :16]
+        if self.eval_batches:
+            self.report["prune/ppl_dense"] = math.exp(mean_loss(self.model, evaluation))
+        if self.generation_tokens:
+            self.report["prune/gen_tokens_per_sec_dense"] = generation_tokens_per_sec(
+                self.model, self.prompt, self.generation_tokens)
+        if self.recovery == "distill":  # the unpruned model, outside the module's children: not in
+            # state_dict, checkpoints or the optimizer, and never switched to train mode
+            self.__dict__["teacher"] = copy.deepcopy(self.model).eval().requires_grad_(False)
+        start = time.perf_counter()
+        if self.method == "structured":
+            self._prune_structured(calibration)
+        else:
+            if self.method == "wanda" and self.schedule == "gradual":  # scores are |W| * these fixed norms
+                sums = pruning.input_sq_sums(self.model, calibration, self._prunable())
+                self.input_norms = {n: s.sqrt() for n, s in sums.items()}
+            target = self.sparsity if self.schedule == "oneshot" else self._scheduled(0)
+            self._update_masks(target, calibration)
+        self.report["prune/seconds"] = time.perf_counter() - start
+        if self.eval_batches and self.schedule == "oneshot":
+            self.report["prune/ppl_pruned"] = math.exp(mean_loss(self.model, evaluation))
+            log.info("validation perplexity: dense %.2f, pruned %.2f", self.report["prune/ppl_dense"],
+                     self.report["prune/ppl_pruned"])
+        self.pruned = True
+
+    def _prunable(self) -> dict[str, torch.nn.Module]:
+        return pruning.prunable_modules(self.model, self.prunable)
+
+    def _prune_structured(self, calibration: list[torch.Tensor]) -> None:
+        s = self.structured
+        heads = self.sparsity if s["heads"] is None else s["heads"]
+        channels = self.sparsity if s["channels"] is None else s["channels"]
+        self.model, kept = pruning.structured_prune(
+            self.model, calibration, heads=heads, channels=channels, hidden=s["hidden"], layers=s["layers"],
+            layer_metric=s["layer_metric"])
+        self.model.train()
+        c = self.model.config
+        log.info("structured: kept layers %s, %d query groups, %d MLP channels, %d hidden channels -> %.2fM parameters",
+                 kept["layers"], c.n_kv_head, c.intermediate_size, c.d_model, self.model.num_params() / 1e6)
+
+    def _scheduled(self, step: int) -> float:
+        g = self.gradual
+        end = g.get("end_step") or max(1, int(0.75 * self.trainer.max_steps))
+        return pruning.cubic_sparsity(step, self.sparsity, g.get("initial_sparsity", 0.0), g.get("start_step", 0),
+                                      end, g.get("every", 10))
+
+    @torch.no_grad()
+    def _update_masks(self, sparsity: float, calibration: Optional[list] = None) -> None:
+        modules = self._prunable()
+        if self.method == "wanda" and not self.input_norms:  # one-shot Wanda: block by block on calibration data
+            self.masks, _ = pruning.wanda_prune(self.model, calibration, modules, sparsity, self.scope, self.sequential)
+        else:
+            scores = {}
+            for name, m in modules.items():
+                s = (pruning.wanda_scores(m.weight, self.input_norms[name]) if self.method == "wanda"
+                     else pruning.magnitude_scores(m.weight))
+                if name in self.masks:  # pruned weights stay pruned as the sparsity rises
+                    s = s.masked_fill(~self.masks[name].view_as(s), -1.0)
+                scores[name] = s
+            self.masks = pruning.masks_from_scores(scores, sparsity, self.scope)
+            pruning.apply_masks(modules, self.masks)
+        self.masks = {n: m.view_as(modules[n].weight) for n, m in self.masks.items()}
+        self.current_sparsity = sparsity
+
+    # ------------------------------------------------------------------ recovery
+
+    def on_train_start(self) -> None:
+        if self.recovery == "none":
+            log.info("prune.recovery=none: no training steps")
+            self.trainer.should_stop = True
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.recovery == "none":
+            return -1  # skip the rest of the epoch
+        if self.schedule == "gradual":
+            target = self._scheduled(self.global_step)
+            if target > self.current_sparsity:
+                self._update_masks(target)
+            self.log("prune/scheduled_sparsity", target)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        batch = batch.long()
+        x, y = batch[:, :-1], batch[:, 1:]
+        h = self.model(x, apply_head=False)  # (B, T, d)
+        if self.recovery == "distill":
+            with torch.no_grad():
+                teacher_h = self.teacher(x, apply_head=False)
+            out = linear_distill_loss(h, self.model.lm_head.weight, teacher_h, self.teacher.lm_head.weight, y,
+                                      **self.distill)
+            self.log("distill/kd_loss", out.kd)
+            self.log("distill/ce_loss", out.ce)
+            loss = out.loss
+        else:
+            loss = linear_cross_entropy(h, self.model.lm_head.weight, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.masks:  # no update reaches a pruned weight (nor AdamW's moments)
+            modules = self._prunable()
+            for name, mask in self.masks.items():
+                grad = modules[name].weight.grad
+                if grad is not None:
+                    grad.mul_(mask.to(grad.dtype))
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+        if self.masks:  # held exactly at zero whatever the optimizer does (weight decay, momentum)
+            pruning.apply_masks(self._prunable(), self.masks)
+
+    def on_train_end(self) -> None:
+        if self.schedule == "gradual" and self.current_sparsity < self.sparsity:
+            log.warning("training ended before the schedule reached sparsity %s (at %.3f): pruning to it now",
+                        self.sparsity, self.current_sparsity)
+            self._update_masks(self.sparsity)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["prune_masks"] = {n: m.cpu() for n, m in self.masks.items()}
+        checkpoint["prune_sparsity"] = self.current_sparsity
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.masks = dict(checkpoint.get("prune_masks", {}))
+        self.current_sparsity = checkpoint.get("prune_sparsity", self.current_sparsity)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        batch = batch.long()
+        h = self.model(batch[:, :-1], apply_head=False)
+        self.val_loss.update(linear_cross_entropy(h, self.model.lm_head.weight, batch[:, 1:]), weight=batch[:, 1:].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True)
+
+    def configure_optimizers(self):
+        return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory)
+
+    # ------------------------------------------------------------------ what the pipeline records
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Merged into metrics.json by the pipeline after the final validation."""
+        m = {"prune/target_sparsity": self.sparsity, "prune/params_dense": self.dense_params,
+             "model/params": self.model.num_params(), **self.report}
+        m["prune/params_ratio"] = m["model/params"] / self.dense_params
+        if "val/ppl" in self.trainer.callback_metrics:
+            m["prune/ppl_recovered" if self.recovery != "none" else "prune/ppl_final"] = float(
+                self.trainer.callback_metrics["val/ppl"])
+        if self.generation_tokens and hasattr(self, "prompt"):
+            tps = generation_tokens_per_sec(self.model, self.prompt, self.generation_tokens)
+            m["prune/gen_tokens_per_sec"] = tps
+            if "prune/gen_tokens_per_sec_dense" in m:
+                m["prune/gen_speedup"] = tps / m["prune/gen_tokens_per_sec_dense"]
+        return m
+
+    def saved_model_metrics(self, model_dir: Path) -> dict[str, float]:
+        """Counted on the files just saved: file sizes, and the sparsity of each prunable module (a fused
+        module over its saved parts: qkv over q/k/v_proj): 1 - its nonzeros / its size in the dense model,
+        so a structured model's removed rows count as pruned; overall over every prunable module of the
+        dense model (a dropped layer counts whole)."""
+        saved, dense = Path(model_dir) / WEIGHTS_FILE, self.source / WEIGHTS_FILE
+        m = {"model/file_bytes": saved.stat().st_size}
+        if dense.is_file():
+            m["prune/file_bytes_dense"] = dense.stat().st_size
+            m["prune/file_ratio"] = m["model/file_bytes"] / m["prune/file_bytes_dense"]
+        kept, total = 0, 0
+        with safe_open(str(saved), framework="pt") as f:
+            names = set(f.keys())
+            for module_name, parts in self.dense_prunable.items():
+                present = [p for p in parts if p in names]  # none: a dropped layer
+                nonzero = sum(int(torch.count_nonzero(f.get_tensor(p))) for p in present)
+                kept, total = kept + nonzero, total + sum(parts.values())
+                if present:
+                    m[f"prune/sparsity/{module_name}"] = 1.0 - nonzero / sum(parts.values())
+        m["prune/sparsity"] = 1.0 - kept / total
+        log.info("achieved sparsity %.4f (target %s), %d parameters, %.2f MB", m["prune/sparsity"], self.sparsity,
+                 self.model.num_params(), m["model/file_bytes"] / 1e6)
+        for lg in self.trainer.loggers:
+            lg.log_metrics(m, self.trainer.global_step)
+        return m

@@ -1,0 +1,122 @@
+"""Collect a Hydra multirun folder into a table and a plot.
+
+`python train.py -m stage=prune prune.method=magnitude,wanda prune.sparsity=0.3,0.5,0.7` writes one
+job folder per combination under `logs/multiruns/prune/<time>/<n>/`, each with `.hydra/overrides.yaml`
+(the swept values) and `metrics.json`. `collect` reads them into rows; `write_table` writes
+`sweep.csv` and `sweep.md`; `plot` draws one line per value of `line` (e.g. the method) of `y` against
+`x` (perplexity against sparsity) into `sweep.png`. CLI: `bench/collect_sweep.py`.
+"""
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("val/ppl", "prune/sparsity", "prune/ppl_dense", "prune/ppl_pruned", "model/params",
+                   "model/file_bytes", "prune/gen_tokens_per_sec")
+
+
+def _value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def collect(folder: Union[str, Path]) -> list[dict]:
+    """One row per finished job of a multirun folder: its overrides (key -> value) and metrics.
+    Jobs without metrics.json (failed or running) are skipped with a warning."""
+    folder = Path(folder)
+    jobs = sorted((p for p in folder.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
+                  key=lambda p: int(p.name) if p.name.isdigit() else p.name) if folder.is_dir() else []
+    if not jobs:
+        raise FileNotFoundError(f"{folder}: no job folders with .hydra/overrides.yaml (is it a multirun folder?)")
+    rows = []
+    for job in jobs:
+        if not (job / "metrics.json").is_file():
+            log.warning("%s: no metrics.json (failed or unfinished job), skipped", job)
+            continue
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        row = {"job": job.name}
+        for o in overrides:
+            key, _, value = o.partition("=")
+            row[key.lstrip("+~")] = _value(value)
+        row.update(json.loads((job / "metrics.json").read_text()))
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"{folder}: none of its {len(jobs)} jobs has a metrics.json")
+    return rows
+
+
+def swept_keys(rows: Sequence[dict]) -> list[str]:
+    """Override keys whose value differs between jobs."""
+    keys = [k for k in rows[0] if k != "job" and "/" not in k]
+    return [k for k in keys if len({json.dumps(r.get(k), default=str) for r in rows}) > 1]
+
+
+def write_table(rows: Sequence[dict], out_dir: Union[str, Path], metrics: Sequence[str] = DEFAULT_METRICS) -> tuple[Path, Path]:
+    """sweep.csv (every column) and sweep.md (the swept keys and `metrics` that any job has)."""
+    out_dir = Path(out_dir)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path = out_dir / "sweep.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    keys = swept_keys(rows)
+    shown = keys + [m for m in metrics if any(m in r for r in rows)]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if math.isfinite(v) else str(v)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in sorted(rows, key=lambda r: [str(r.get(k)) for k in keys])]
+    md_path = out_dir / "sweep.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot(rows: Sequence[dict], path: Union[str, Path], x: str = "prune.sparsity", y: str = "val/ppl",
+         line: Optional[str] = "prune.method", logy: bool = True, title: Optional[str] = None,
+         reference: Optional[float] = None, reference_label: str = "dense") -> Path:
+    """One line per value of `line`: `y` against `x`, points sorted by x. `reference`: a horizontal line
+    (e.g. the dense model's perplexity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    missing = [k for k in (x, y) if not any(k in r for r in rows)]
+    if missing:
+        raise KeyError(f"no job has {missing}; columns are {sorted({k for r in rows for k in r})}")
+    groups: dict = {}
+    for r in rows:
+        if x in r and y in r:
+            groups.setdefault(r.get(line) if line else y, []).append((float(r[x]), float(r[y])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=str(name))
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title=line)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
