@@ -283,3 +283,27 @@ def test_distill_stage_runs_with_each_student_init(init, teacher_run, tiny_overr
         total += linear_cross_entropy(h, teacher.lm_head.weight, batch[:, 1:]).item() * batch[:, 1:].numel()
         n += batch[:, 1:].numel()
     assert metrics["teacher/val_loss"] == pytest.approx(total / n, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_distill_under_ddp_on_two_cpu_processes(teacher_run, corpus_dir, tmp_path):
+    """`trainer=ddp` as users type it: each rank loads the teacher onto its device, the student is synchronised,
+    rank 0 saves it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root, data_dir, teacher_dir = teacher_run
+    common = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+        f"data.paths=[{corpus_dir}]", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={data_dir}",
+        "trainer.max_steps=4", "stage=distill", f"teacher={teacher_dir}", "student.init=teacher_layers",
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *common], check=True, env=env, capture_output=True,
+                   timeout=600)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["teacher/val_ppl"])
+    assert metrics["trainer/global_step"] == 4
+    assert SlimPajamaModel.from_pretrained(tmp_path / "run" / "model").config.n_layer == 2
