@@ -102,6 +102,19 @@ def test_chunked_distill_loss_equals_the_plain_path_in_value_and_gradient(kind):
     assert ng.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
 
 
+def test_chunked_distill_loss_under_autocast_computes_in_float32():
+    """bf16-mixed: the chunked loss turns autocast off for its logits, so it equals the float32 result."""
+    torch.manual_seed(1)
+    h, w = torch.randn(2, 6, 16, requires_grad=True), torch.randn(200, 16, requires_grad=True)
+    h_t, w_t, y = torch.randn(2, 6, 16), torch.randn(200, 16), torch.randint(0, 200, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_distill_loss(h, w, h_t, w_t, y, kd_ratio=0.5, temperature=2.0)
+    out.loss.backward()
+    ref = linear_distill_loss(h.detach(), w.detach(), h_t, w_t, y, kd_ratio=0.5, temperature=2.0)
+    assert out.loss.dtype == torch.float32 and out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
 def test_chunked_distill_loss_rejects_bad_settings():
     h, w = torch.randn(1, 2, 4), torch.randn(10, 4)
     y = torch.zeros(1, 2, dtype=torch.long)
