@@ -373,5 +373,7 @@ def test_command_line_prune_sweep_and_collector(teacher, corpus_dir, tmp_path):
         ("magnitude", 0.3), ("magnitude", 0.5), ("wanda", 0.3), ("wanda", 0.5)]
     for r in rows:
         assert r["prune/target_sparsity"] == r["prune.sparsity"]
-        assert r["prune/sparsity"] == pytest.approx(r["prune.sparsity"], abs=1e-3)
+        # magnitude: exact per layer; Wanda: exact per row (30% of a 128-input row is 38 weights: 29.7%)
+        tolerance = 1e-3 if r["prune.method"] == "magnitude" else 1 / 128
+        assert r["prune/sparsity"] == pytest.approx(r["prune.sparsity"], abs=tolerance)
     assert (folder / "sweep.png").stat().st_size > 5000 and len((folder / "sweep.md").read_text().splitlines()) == 6
