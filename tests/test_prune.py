@@ -283,7 +283,8 @@ def test_gradual_schedule_and_distill_recovery(teacher, tmp_path, corpus_dir):
                                        "prune.gradual.end_step=4", "prune.recovery=distill", "trainer.max_steps=6",
                                        "prune.sparsity=0.4"], tmp_path, corpus_dir)
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"prune/scheduled_sparsity", "distill/kd_loss", "train/loss"} <= set(header)
+    assert {"prune/scheduled_sparsity", "distill/kd_loss", "train/loss", "prune/ppl_dense", "prune/sparsity",
+            "prune/gen_tokens_per_sec", "model/file_bytes"} <= set(header)  # logged, not only in metrics.json
     rows = (out / "csv" / "metrics.csv").read_text().splitlines()
     col = header.index("prune/scheduled_sparsity")
     scheduled = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]

@@ -336,6 +336,9 @@ class PruneModule(L.LightningModule):
             m["prune/gen_tokens_per_sec"] = tps
             if "prune/gen_tokens_per_sec_dense" in m:
                 m["prune/gen_speedup"] = tps / m["prune/gen_tokens_per_sec_dense"]
+        for lg in self.trainer.loggers:
+            lg.log_metrics(m, self.trainer.global_step)
+            lg.save()  # after fit: nothing else flushes them
         return m
 
     def saved_model_metrics(self, model_dir: Path) -> dict[str, float]:
@@ -362,4 +365,5 @@ class PruneModule(L.LightningModule):
                  self.model.num_params(), m["model/file_bytes"] / 1e6)
         for lg in self.trainer.loggers:
             lg.log_metrics(m, self.trainer.global_step)
+            lg.save()  # after fit: nothing else flushes them
         return m
