@@ -102,11 +102,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (T,); k, v: (B, n_kv, T, hs)
-        self.k[: k.size(0), :, input_pos] = k.to(self.k.dtype)
-        self.v[: v.size(0), :, input_pos] = v.to(self.v.dtype)
-        return self.k[: k.size(0)], self.v[: v.size(0)]
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hs) into slots start .. start + T - 1; returns the keys and values
+        of slots 0 .. start + T - 1 (views, no copy)."""
+        B, end = k.size(0), start + k.size(2)
+        self.k[:B, :, start:end] = k
+        self.v[:B, :, start:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]
 
 
 class Attention(nn.Module):
@@ -119,7 +121,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, cache_start=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -128,14 +130,14 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs), S = cache length
+        if cache_start is not None:
+            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, S, hs), S = cache_start + T
         # each key/value head serves a group of n_head // n_kv_head query heads (enable_gqa: no copies)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None,
+            is_causal=mask is None and T > 1 and T == k.size(2),  # else one query row sees every key
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -162,8 +164,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, cache_start=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -233,39 +235,45 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids -> logits (B, T, vocab).
 
         Training / full forward: input_pos None, causal attention over the T positions.
-        Decoding with the KV cache: input_pos (T,) are the cache slots written by this call; keys at
-        slots beyond max(input_pos) are masked, so a prefill and each one-token step share one path.
-        attention_mask (B, S) marks real (1) vs padding (0) key positions (S = T, or cache length);
+        Decoding with the KV cache: input_pos (T,) are the contiguous cache slots start .. start + T - 1
+        written by this call; its queries attend to slots 0 .. start + T - 1 (a prefill is start 0,
+        a decoding step is one slot), so no mask is built unless padding or a chunked prefill needs one.
+        attention_mask (B, S) marks real (1) vs padding (0) key positions (S >= the keys attended to);
         position_ids (B, T) give rotary positions when they differ from the slots (left padding).
         apply_head=False returns the final normed hidden states (B, T, d) instead of logits, for a loss
         that applies the output head itself (losses.linear_cross_entropy).
         """
         B, T = idx.shape
-        mask = None
+        mask, start = None, None
         if input_pos is not None:
-            kv_len = self.layers[0].self_attn.kv_cache.k.size(2) if self.layers[0].self_attn.kv_cache else T
-            slots = torch.arange(kv_len, device=idx.device)
-            mask = slots[None, :] <= input_pos[:, None]  # (T, S) causal over the cache
-            mask = mask[None, None]  # (1, 1, T, S)
+            if self.layers[0].self_attn.kv_cache is None:
+                raise ValueError("input_pos needs the KV cache: call setup_kv_cache first")
+            start = int(input_pos[0])
+            end = start + T
+            if end > self.layers[0].self_attn.kv_cache.k.size(2):
+                raise ValueError(f"cache slots up to {end} exceed the KV cache's {self.layers[0].self_attn.kv_cache.k.size(2)}")
+            if attention_mask is not None or (T > 1 and start > 0):
+                slots = torch.arange(end, device=idx.device)
+                mask = (slots[None, :] <= slots[start:, None])[None, None]  # (1, 1, T, end): causal over the cache
         elif attention_mask is not None:
             mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, : mask.size(-1)].bool()
             # a fully masked row (a padding query) would give NaN; its output is never used
             mask = mask | ~mask.any(-1, keepdim=True)
-        if position_ids is None and input_pos is None:
+        if position_ids is not None:
+            cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hs)
+        elif start is not None:
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, hs)
+        else:
             if T > self.cos.size(0):
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
             cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
-        elif position_ids is None:
-            cos, sin = self.cos[input_pos], self.sin[input_pos]  # (T, hs)
-        else:
-            cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hs)
 
         x = self.embed_tokens(idx)  # (B, T, d)
         hidden = [x] if output_hidden_states else None
         for block in self.layers:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, mask, start)
             if output_hidden_states:
                 hidden.append(x)
         out = self.norm(x)

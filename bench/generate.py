@@ -1,0 +1,192 @@
+"""Decoding throughput: our `generate` vs transformers' `generate` on the identical saved folder.
+
+    .venv/bin/python bench/generate.py --models micro small --batches 1 8 --prompt-len 128 --new-tokens 256
+
+For each model (conf/model/<name>.yaml, vocabulary 8192, max_seq_len 512, random weights with a
+fixed seed) the script saves one folder and loads it twice: `SlimPajamaModel.from_pretrained` and
+`transformers.LlamaForCausalLM.from_pretrained` (sdpa attention). Both get the same random prompts
+(batch x prompt-len tokens) and generate exactly --new-tokens tokens (no EOS stop), greedy and
+sampled (temperature 0.8, top-k 50), taking turns rep by rep (ours, theirs, theirs, ours, ...) so
+machine noise hits both alike. Reported: new tokens/s (median over reps), the ratio, the paired
+ratio (median of per-rep ratios), and whether the greedy outputs are identical.
+
+Also measured, at batch 1: our decoding without the KV cache (`use_cache=False`: the whole prefix
+every step), and both libraries with bfloat16 weights.
+
+Bandwidth share: decoding one token at batch 1 reads every weight once (the embedding table
+excepted: one row), so tokens/s cannot exceed read bandwidth / weight bytes. The read bandwidth
+is measured here (sum of a 512 MiB float32 tensor, best of 5); the table gives the share of that
+limit each contender reaches.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from throughput import Clock, load_config, wait_quiet  # noqa: E402
+
+from slimpajama.pretrained import SlimPajamaModel  # noqa: E402
+
+SAMPLED = {"do_sample": True, "temperature": 0.8, "top_k": 50}
+GREEDY = {"do_sample": False}
+
+
+def read_bandwidth(gib: float = 0.5, reps: int = 5) -> float:
+    """Bytes/s of a streaming read (torch.sum over a tensor far larger than the caches)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def weight_bytes_per_token(model: SlimPajamaModel) -> int:
+    p = model.lm_head.weight
+    n = model.num_params() - model.embed_tokens.weight.numel() * (not model.config.tie_embeddings)
+    return n * p.element_size()
+
+
+def ours_fn(model, ids, n, settings, use_cache=True):
+    return lambda: model.generate(ids, max_new_tokens=n, eos_token_id=-1, seed=0, use_cache=use_cache, **settings)
+
+
+def hf_fn(model, ids, n, settings):
+    def run():
+        torch.manual_seed(0)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              pad_token_id=3, eos_token_id=None, **settings)
+    return run
+
+
+def race(fns: dict, reps: int, tokens: int) -> dict:
+    """Alternate the contenders rep by rep; tokens/s medians, the foreign CPU share, last outputs."""
+    names = list(fns)
+    times = {k: [] for k in names}
+    foreign, outs = [], {}
+    for name in names:  # warm-up: first calls pay for lazy initialisation
+        fns[name]()
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            clock = Clock()
+            outs[name] = fns[name]()
+            dt, f = clock.stop()
+            times[name].append(dt)
+            foreign.append(f)
+    result = {k: {"tokens_per_s": tokens / statistics.median(v), "times": v} for k, v in times.items()}
+    result["foreign_cpu"] = statistics.median(foreign)
+    result["outputs"] = outs
+    return result
+
+
+def bench_model(name: str, args, bandwidth: float) -> list[dict]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = load_config(name, args.vocab_size, args.prompt_len + args.new_tokens)
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-generate-{name}-"))
+    SlimPajamaModel(config).save_pretrained(folder)
+    rows = []
+    for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
+        ours = SlimPajamaModel.from_pretrained(folder, torch_dtype=dtype)
+        hf = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval()
+        batches = args.batches if dtype == torch.float32 else [1]
+        for batch in batches:
+            ids = torch.randint(4, args.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+            for mode, settings in (("greedy", GREEDY), ("sampled", SAMPLED)):
+                if dtype != torch.float32 and mode == "sampled":
+                    continue
+                fns = {"ours": ours_fn(ours, ids, args.new_tokens, settings), "hf": hf_fn(hf, ids, args.new_tokens, settings)}
+                if args.no_cache and batch == 1 and mode == "greedy" and dtype == torch.float32:
+                    fns["ours_no_cache"] = ours_fn(ours, ids, args.new_tokens, settings, use_cache=False)
+                wait_quiet(args.wait_quiet)
+                r = race(fns, args.reps, batch * args.new_tokens)
+                paired = statistics.median(h / o for o, h in zip(r["ours"]["times"], r["hf"]["times"]))
+                limit = bandwidth / weight_bytes_per_token(ours)
+                row = {
+                    "model": name, "params": ours.num_params(), "dtype": str(dtype).removeprefix("torch."),
+                    "batch": batch, "mode": mode,
+                    "ours": r["ours"]["tokens_per_s"], "hf": r["hf"]["tokens_per_s"],
+                    "ratio": r["ours"]["tokens_per_s"] / r["hf"]["tokens_per_s"], "paired_ratio": paired,
+                    "bandwidth_limit": limit,
+                    "ours_share": r["ours"]["tokens_per_s"] / batch / limit,
+                    "hf_share": r["hf"]["tokens_per_s"] / batch / limit,
+                    "identical": torch.equal(r["outputs"]["ours"], r["outputs"]["hf"]) if mode == "greedy" else None,
+                    "foreign_cpu": r["foreign_cpu"],
+                }
+                if "ours_no_cache" in r:
+                    row["ours_no_cache"] = r["ours_no_cache"]["tokens_per_s"]
+                    row["cache_speedup"] = row["ours"] / row["ours_no_cache"]
+                rows.append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], bandwidth: float, args) -> str:
+    lines = [
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"median of {args.reps} alternating reps",
+        "",
+        "| model | dtype | batch | mode | ours tok/s | transformers tok/s | ratio (paired) | share of bandwidth limit, ours / theirs | identical | others' CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = f"{r['ours_share']:.0%} / {r['hf_share']:.0%}" if r["batch"] == 1 else "-"
+        same = {True: "yes", False: "NO", None: "-"}[r["identical"]]
+        lines.append(
+            f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ours']:.0f} | "
+            f"{r['hf']:.0f} | {r['ratio']:.2f}x ({r['paired_ratio']:.2f}x) | {share} | {same} | {r['foreign_cpu']:.0%} |"
+        )
+    cached = [r for r in rows if "cache_speedup" in r]
+    if cached:
+        lines += ["", "| model | ours with KV cache tok/s | without (whole prefix each step) tok/s | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['ours']:.0f} | {r['ours_no_cache']:.0f} | {r['cache_speedup']:.1f}x |" for r in cached]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["micro", "small"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--no-no-cache", dest="no_cache", action="store_false", help="skip the run without KV cache")
+    p.add_argument("--wait-quiet", type=float, default=30.0, help="seconds to wait for idle CPUs before each race")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args, bandwidth)
+    table = markdown(rows, bandwidth, args)
+    print(table)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    record = {"when": datetime.now().isoformat(timespec="seconds"), "host": platform.node(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "args": vars(args), "bandwidth": bandwidth, "rows": rows}
+    (out / f"generate-{datetime.now():%Y%m%d-%H%M%S}.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
