@@ -53,6 +53,23 @@ def train(name: str, overrides: list[str], args) -> dict:
     return {**json.loads(metrics_file.read_text()), "run_dir": str(run_dir), "wall_s": round(time.time() - start)}
 
 
+def export_checkpoint(ckpt: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """A pretrain stage's Lightning checkpoint (e.g. a teacher still training) as a model folder in
+    the Llama layout, with the tokenizer of `tokenizer_dir`: usable as `teacher=<out>`."""
+    import torch
+
+    from slimpajama import SlimPajamaConfig, SlimPajamaModel, SlimPajamaTokenizer
+
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    model = SlimPajamaModel(SlimPajamaConfig.from_dict(state["hyper_parameters"]["model"]))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()})
+    model.save_pretrained(out)
+    SlimPajamaTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    (out / "exported_from.json").write_text(json.dumps({"checkpoint": str(ckpt), "global_step": state["global_step"]}) + "\n")
+    print(f"exported {ckpt} (step {state['global_step']}) to {out}", flush=True)
+    return out
+
+
 def teacher_params(folder: Path) -> int:
     import torch
 
@@ -70,6 +87,9 @@ def closed(scratch: float, distilled: float, teacher: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="/work/benchlogs/latest/pretrain/model")
+    p.add_argument("--teacher-ckpt", default=None, help="instead of --teacher: a pretrain checkpoint, exported to "
+                   "<runs-dir>/teacher-<name of its run>-step<N> with the tokenizer of --tokenizer")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer folder for --teacher-ckpt (the data's)")
     p.add_argument("--student", default="nano", help="a `model` group option: the student's architecture")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=1337)
@@ -88,6 +108,14 @@ def main() -> None:
         print(json.dumps({k: scratch[k] for k in ("val/loss", "val/ppl")}))
         return
     teacher = Path(args.teacher).resolve()
+    if args.teacher_ckpt:
+        import torch
+
+        ckpt = Path(args.teacher_ckpt)
+        step = torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"]
+        teacher = Path(args.runs_dir) / f"teacher-{ckpt.parents[1].name}-step{step}"
+        if not (teacher / "config.json").is_file():
+            export_checkpoint(ckpt, Path(args.tokenizer), teacher)
     rows = []
     for variant in args.variants:
         kind, temperature, kd_ratio = variant.split(":")
