@@ -243,7 +243,11 @@ def test_tokenizer_mismatch_fails_before_training(teacher_run, tiny_overrides, t
 
 def test_missing_teacher_is_a_clear_error(teacher_run, tiny_overrides, tmp_path):
     cfg = distill_cfg(tiny_overrides + ["debug=fdr"], tmp_path, teacher_run[1])  # no logs/latest/pretrain here
-    with pytest.raises(FileNotFoundError, match="latest/pretrain/model.*stage=pretrain"):
+    with pytest.raises(FileNotFoundError, match="teacher=None: .*latest/pretrain/model.*stage=pretrain"):
+        run(cfg)
+    cfg = distill_cfg(tiny_overrides + [f"teacher={teacher_run[2]}", f"student.init={tmp_path / 'nowhere'}"],
+                      tmp_path, teacher_run[1])
+    with pytest.raises(Exception, match="student.init=.*nowhere: not one of scratch, teacher_layers"):
         run(cfg)
 
 

@@ -37,9 +37,12 @@ STUDENT_INITS = ("scratch", "teacher_layers")  # or a model folder
 def resolve_teacher(teacher: Optional[str], log_dir: Optional[str] = None) -> Path:
     """`teacher=null`: the newest finished pretrain model (`<log_dir>/latest/pretrain/model`);
     otherwise a model folder or a registered name (`slimpajama/pretrain`, ...)."""
-    if teacher is None:
-        return latest_model(["pretrain"], log_dir=log_dir)
-    return resolve_model(teacher, log_dir=log_dir)
+    try:
+        if teacher is None:
+            return latest_model(["pretrain"], log_dir=log_dir)
+        return resolve_model(teacher, log_dir=log_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"teacher={teacher}: {e}") from None
 
 
 def every_other_layer(teacher: SlimPajamaModel) -> SlimPajamaModel:
@@ -142,7 +145,11 @@ class DistillationModule(L.LightningModule):
             log.info("student: layers 0, 2, 4, ... of the teacher (%d of %d), the `model` group is not used",
                      self.model.config.n_layer, self._teacher.config.n_layer)
         else:
-            self._student_dir = resolve_model(student_init, log_dir=log_dir)
+            try:
+                self._student_dir = resolve_model(student_init, log_dir=log_dir)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"student.init={student_init}: not one of {', '.join(STUDENT_INITS)} "
+                                        f"and not a model: {e}") from None
             self.model = SlimPajamaModel.from_pretrained(self._student_dir).train()
             log.info("student: initialised from %s, the `model` group is not used", self._student_dir)
         # plain types only: checkpoints load with torch.load(weights_only=True); the teacher is a path
