@@ -5,8 +5,14 @@ prompts with an attention mask, stops at EOS or stop strings, streams through `p
 streamers) with one deliberate difference: passing `temperature`, `top_k`, `top_p` or `min_p`
 samples unless `do_sample=False` is given; Hugging Face would silently decode greedily.
 
-The logits processors run in Hugging Face's order: repetition penalty, no-repeat n-grams, then
-temperature, top-k, top-p and min-p.
+The logits processors run in Hugging Face's order: classifier-free guidance, repetition penalty,
+no-repeat n-grams, then temperature, top-k, top-p and min-p.
+
+Classifier-free guidance (`guidance_scale`, Hugging Face's name and formula): each step runs the
+prompt and an unconditional prompt (`negative_prompt_ids`, e.g. the same prompt without its control
+token) as one batch of 2B rows and samples from
+`log_softmax(uncond) + guidance_scale * (log_softmax(cond) - log_softmax(uncond))`; 1 is plain
+conditioning, larger values push the output further towards what the control signal changes.
 """
 
 import queue
@@ -189,6 +195,33 @@ def _eos_ids(eos_token_id, default) -> list[int]:
     return list(eos_token_id) if isinstance(eos_token_id, Iterable) else [int(eos_token_id)]
 
 
+def _with_unconditional(input_ids, attention_mask, negative_ids, negative_mask, num_return_sequences: int, pad: int):
+    """One left-padded batch of the prompts (B, T) and their unconditional prompts (B, T') -> (2B, max(T, T'))."""
+    if negative_ids is None:
+        negative_ids = input_ids[:, -1:]  # HF's default: the last prompt token alone
+    else:
+        if negative_ids.dim() == 1:
+            negative_ids = negative_ids[None]
+        negative_ids = negative_ids.to(input_ids.device)
+        if negative_mask is None:
+            negative_mask = ((negative_ids != pad).cumsum(1) > 0).long()
+        if num_return_sequences > 1:
+            negative_ids = negative_ids.repeat_interleave(num_return_sequences, 0)
+            negative_mask = negative_mask.repeat_interleave(num_return_sequences, 0)
+    if negative_mask is None:
+        negative_mask = torch.ones_like(negative_ids)
+    if negative_ids.size(0) != input_ids.size(0):
+        raise ValueError(f"negative_prompt_ids has {negative_ids.size(0)} rows for {input_ids.size(0)} prompts")
+    width = max(input_ids.size(1), negative_ids.size(1))
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.size(1), 0), value=value)
+
+    ids = torch.cat([left_pad(input_ids, pad), left_pad(negative_ids, pad)])
+    mask = torch.cat([left_pad(attention_mask, 0), left_pad(negative_mask.to(attention_mask), 0)])
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -212,6 +245,9 @@ def generate(
     generator: Optional[torch.Generator] = None,
     streamer=None,
     use_cache: bool = True,
+    guidance_scale: Optional[float] = None,
+    negative_prompt_ids: Optional[torch.Tensor] = None,
+    negative_prompt_attention_mask: Optional[torch.Tensor] = None,
     **_unused,  # other generation_config.json keys (bos_token_id, transformers_version ...)
 ) -> torch.Tensor:
     """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding)
@@ -219,7 +255,9 @@ def generate(
     `pad_token_id`. Greedy unless sampling is asked for (`do_sample=True`, or any of temperature,
     top_k, top_p, min_p given without `do_sample=False`). `max_new_tokens` wins over `max_length`
     (prompt included); with neither, decoding runs to the model's `max_seq_len`.
-    `use_cache=False` recomputes the whole prefix every step (for comparison only)."""
+    `use_cache=False` recomputes the whole prefix every step (for comparison only).
+    guidance_scale (not None or 1): classifier-free guidance against `negative_prompt_ids` (B, T'),
+    left-padded like input_ids; default, as in HF, the last prompt token alone."""
     config = model.config
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -245,6 +283,12 @@ def generate(
         attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
     if streamer is not None and input_ids.size(0) > 1:
         raise ValueError("streamer works with one sequence at a time (batch size 1, num_return_sequences 1)")
+    n_rows = input_ids.size(0)  # the sequences returned; with guidance the batch also holds their unconditional twins
+    guided = guidance_scale is not None and guidance_scale != 1.0
+    if guided:
+        input_ids, attention_mask = _with_unconditional(
+            input_ids, attention_mask, negative_prompt_ids, negative_prompt_attention_mask, num_return_sequences, pad
+        )
 
     B, T = input_ids.shape
     limit = config.max_seq_len
@@ -258,11 +302,11 @@ def generate(
     stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
     eos_t = torch.tensor(eos, device=device) if eos else None
     if streamer is not None:
-        streamer.put(input_ids.cpu())
+        streamer.put(input_ids[:n_rows].cpu())
     if total <= T:
         if streamer is not None:
             streamer.end()
-        return input_ids
+        return input_ids[:n_rows]
 
     out = torch.full((B, total), pad, dtype=torch.long, device=device)
     out[:, :T] = input_ids
@@ -288,26 +332,29 @@ def generate(
     if use_cache:
         model.setup_kv_cache(B, total)
     try:
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
         logits = forward(0, T)  # the prefill
         for pos in range(T, total):
+            if guided:  # rows n_rows.. are the unconditional twins of rows ..n_rows
+                lp = logits.float().log_softmax(-1)
+                logits = lp[n_rows:] + guidance_scale * (lp[:n_rows] - lp[n_rows:])
             if repetition_penalty != 1.0:
-                logits = repetition_penalty_(logits.float(), out[:, :pos], repetition_penalty)
+                logits = repetition_penalty_(logits.float(), out[:n_rows, :pos], repetition_penalty)
             if no_repeat_ngram_size > 0:
-                logits = no_repeat_ngram_(logits.float(), out[:, :pos], no_repeat_ngram_size)
+                logits = no_repeat_ngram_(logits.float(), out[:n_rows, :pos], no_repeat_ngram_size)
             nxt = sample_next(logits, temperature, top_k, top_p, min_p, do_sample, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out[:, pos] = nxt
+            out[:, pos] = nxt.repeat(2) if guided else nxt  # both twins continue with the same token
             if streamer is not None:
                 streamer.put(nxt.cpu())
             if eos_t is not None:
                 done |= torch.isin(nxt, eos_t)
             if stops is not None:
-                done |= stops(out[:, T : pos + 1])
+                done |= stops(out[:n_rows, T : pos + 1])
             if bool(done.all()) or pos + 1 == total:
-                return out[:, : pos + 1]
+                return out[:n_rows, : pos + 1]
             logits = forward(pos if use_cache else 0, pos + 1)  # one position per step with the cache
-        return out
+        return out[:n_rows]
     finally:
         if use_cache:
             model.clear_kv_cache()

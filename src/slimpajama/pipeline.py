@@ -51,7 +51,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: dict) -> None:
     out = Path(cfg.paths.output_dir)
     model_dir = out / "model"
-    module.model.save_pretrained(model_dir)
+    # a stage may add generation defaults, e.g. the fine-tuning prompt_template
+    module.model.save_pretrained(model_dir, generation_config=getattr(module, "generation_config", None))
     if hasattr(module, "saved_model_metrics"):  # a stage's measurements of the files just written (pruning)
         metrics.update(module.saved_model_metrics(model_dir))
     tokenizer = datamodule.tokenizer

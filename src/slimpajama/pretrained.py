@@ -125,6 +125,32 @@ class SlimPajamaModel(Transformer):
                "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
         _atomic_write(directory / GENERATION_CONFIG_FILE, lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int) -> "SlimPajamaModel":
+        """Grow the embedding and output layers to `new_num_tokens` rows (as transformers' method of the
+        same name). Existing rows are kept unchanged; each new row starts at the mean of the old rows
+        (of the embedding and of the head, separately), so a new token begins as an "average" token
+        rather than as noise that would dominate the softmax. Shrinking is refused."""
+        old = self.config.vocab_size
+        if new_num_tokens < old:
+            raise ValueError(f"resize_token_embeddings({new_num_tokens}) would drop rows of a {old}-token vocabulary")
+        if new_num_tokens == old:
+            return self
+
+        def grown(weight: torch.Tensor) -> torch.nn.Parameter:
+            extra = weight.float().mean(0, keepdim=True).expand(new_num_tokens - old, -1).to(weight.dtype)
+            return torch.nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
+
+        self.embed_tokens.weight = grown(self.embed_tokens.weight)
+        self.embed_tokens.num_embeddings = new_num_tokens
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        return self
+
     @classmethod
     def from_pretrained(
         cls,

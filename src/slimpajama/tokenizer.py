@@ -5,11 +5,20 @@ as `<|style:formal|>` are SentencePiece user-defined symbols, so they are always
 Byte fallback and the identity normaliser make `decode(encode(text)) == text` for any Unicode text.
 The saved folder (`tokenizer.model` + `tokenizer_config.json`) also loads with
 `transformers.AutoTokenizer` as a `LlamaTokenizer`.
+
+Untrusted text: SentencePiece matches a control-token string anywhere in its input, so a user who
+types `<|task:translate|>` would inject a control code. `encode(..., split_special_tokens=True)`
+encodes such strings as plain text (several ordinary tokens that decode back to the same string).
+The default is False, as in transformers: a prompt template written by the application puts its
+control tokens in by their strings. Encode the application's parts (template, control) with the
+default and the end user's text with `split_special_tokens=True`, then concatenate the ids; the
+fine-tuning data module does exactly this with the `input` and `output` fields of every example.
 """
 
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -116,18 +125,38 @@ class SlimPajamaTokenizer:
     def _starts_with_control(self, text: str) -> bool:
         return any(text.startswith(t) for t in self.control_tokens)
 
-    def _encode_one(self, text: str) -> list[int]:
+    def _encode_plain(self, text: str, continuation: bool = False) -> list[int]:
+        """`_encode_one` that never emits a control token: each control-token string in `text` is
+        encoded as its first character, then the rest, as separate ordinary text, so neither half is a
+        user-defined symbol; the ids decode back to the same string."""
+        if not any(t in text for t in self.control_tokens):
+            return self._encode_one(text, continuation)
+        pattern = "|".join(re.escape(t) for t in sorted(self.control_tokens, key=len, reverse=True))
+        ids: list[int] = []
+        for i, part in enumerate(re.split(f"({pattern})", text)):  # plain, control, plain, ...
+            if not part:
+                continue
+            if i % 2:
+                ids += self._encode_one(part[0], continuation or bool(ids))
+                ids += self._encode_plain(part[1:], continuation=True)  # the rest may hold another token
+            else:
+                ids += self._encode_one(part, continuation or bool(ids))
+        return ids
+
+    def _encode_one(self, text: str, continuation: bool = False) -> list[int]:
         """SentencePiece's ids, with two refinements.
 
         Text that starts with a control token gets no dummy-prefix space before it, as in
         transformers' LlamaTokenizer (legacy=False): `<|style:formal|>Hello` is [control, H, ...].
         SentencePiece reads a literal U+2581 ("▁") in the input as its space marker, so it would
         decode as a space: emit it as its three UTF-8 byte tokens and encode each following segment
-        without the dummy-prefix space."""
+        without the dummy-prefix space. continuation: `text` continues earlier ids (no dummy prefix)."""
         if SPACE_MARKER not in text:
-            return self._encode_piece(text, dummy_prefix=not self._starts_with_control(text))
+            return self._encode_piece(text, dummy_prefix=not (continuation or self._starts_with_control(text)))
         first, *rest = text.split(SPACE_MARKER)
-        ids = self._encode_piece(first, dummy_prefix=not self._starts_with_control(first)) if first else []
+        ids = []
+        if first:
+            ids = self._encode_piece(first, dummy_prefix=not (continuation or self._starts_with_control(first)))
         marker = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode("utf-8")]
         for part in rest:
             ids += marker
@@ -135,8 +164,13 @@ class SlimPajamaTokenizer:
                 ids += self._encode_piece(part, dummy_prefix=False)
         return ids
 
-    def encode(self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True):
-        ids = self._encode_one(text)
+    def encode(
+        self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
+        split_special_tokens: bool = False,
+    ):
+        """split_special_tokens=True: control-token strings in `text` are plain text (for untrusted
+        input, see the module docstring); False (default): they are single control tokens."""
+        ids = self._encode_plain(text) if split_special_tokens else self._encode_one(text)
         if add_special_tokens:
             ids = [self.bos_token_id] + ids
         if return_tensors == "pt":
@@ -144,6 +178,13 @@ class SlimPajamaTokenizer:
         if return_tensors is not None:
             raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None or 'pt')")
         return ids
+
+    def encode_continuation(self, text: str, split_special_tokens: bool = True) -> list[int]:
+        """Ids of `text` as it continues earlier ids (no dummy-prefix space, no bos): the pieces of a
+        prompt built from trusted and untrusted parts are encoded one by one and concatenated."""
+        if split_special_tokens:
+            return self._encode_plain(text, continuation=True)
+        return self._encode_one(text, continuation=True)
 
     def encode_batch(
         self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, num_threads: int = -1
@@ -165,9 +206,13 @@ class SlimPajamaTokenizer:
         return_tensors: Optional[str] = None,
         add_special_tokens: bool = True,
         padding_side: Optional[str] = None,
+        split_special_tokens: bool = False,
     ) -> BatchEncoding:
         single = isinstance(text, str)
-        batch = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([text] if single else text)]
+        batch = [
+            self.encode(t, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens)
+            for t in ([text] if single else text)
+        ]
         if truncation:
             if max_length is None:
                 max_length = self.model_max_length
@@ -211,6 +256,34 @@ class SlimPajamaTokenizer:
 
     def convert_tokens_to_ids(self, tokens):
         return self.sp.piece_to_id(tokens)
+
+    # ---- control tokens ---------------------------------------------------------------------
+    def add_control_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add control tokens to the trained SentencePiece model as user-defined pieces (always single
+        tokens) at the end of the vocabulary, so every existing id keeps its meaning. Returns the ids
+        of `tokens` (existing ones included). The model proto itself is edited, so the saved
+        `tokenizer.model` carries them and transformers' LlamaTokenizer reads them unchanged; grow
+        the model's embeddings to `len(tokenizer)` to match (`SlimPajamaModel.resize_token_embeddings`)."""
+        from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+        new = [t for t in dict.fromkeys(tokens) if t not in self.control_tokens]
+        clash = [t for t in new if self.sp.piece_to_id(t) != self.unk_token_id]
+        if clash:
+            raise ValueError(f"{clash} are already ordinary pieces of this tokenizer: choose other control strings")
+        bad = [t for t in new if not t or any(c.isspace() for c in t)]
+        if bad:
+            raise ValueError(f"control tokens must be non-empty and contain no whitespace: {bad}")
+        if new:
+            proto = spm_pb2.ModelProto()
+            proto.ParseFromString(self._proto)
+            for t in new:
+                piece = proto.pieces.add()
+                piece.piece, piece.score, piece.type = t, 0.0, spm_pb2.ModelProto.SentencePiece.USER_DEFINED
+            state = self.__dict__.copy()
+            self.__init__(proto.SerializeToString(), self.control_tokens + new, self.model_max_length)
+            self.padding_side = state["padding_side"]
+            log.info("added %d control tokens (vocabulary %d)", len(new), self.vocab_size)
+        return [self.sp.piece_to_id(t) for t in tokens]
 
     # ---- files ----------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:

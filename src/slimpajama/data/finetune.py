@@ -1,0 +1,219 @@
+"""The fine-tuning DataModule: labeled tasks in the `{"control", "input", "output"}` format, mixed by weight.
+
+A sibling of `SlimPajamaDataModule` with the same interface (`prepare_data`, `setup`, `tokenizer`,
+`metrics`, the dataloaders). The tokenizer is the initial model's, grown by every control token the
+tasks use (`SlimPajamaTokenizer.add_control_tokens`); the stage grows the model's embeddings to match.
+
+An example becomes `bos, prompt, output, eos` with labels `-100` (`IGNORE_INDEX`) on bos and the
+prompt, so the loss counts only the output tokens and the eos. The prompt is `prompt_template`
+filled with the control (trusted: a control token stays one token) and the input (untrusted: a
+control-token string in it is encoded as plain text, `split_special_tokens=True`); the output is
+encoded as plain text too. Training batches draw tasks by `weights` (per task, normalised) with a
+seeded `WeightedRandomSampler`; validation runs over every task's validation split.
+"""
+
+import logging
+import string
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
+from slimpajama.losses import IGNORE_INDEX
+from slimpajama.registry import latest_model, resolve_model
+from slimpajama.tokenizer import SlimPajamaTokenizer
+
+log = logging.getLogger(__name__)
+
+INIT_STAGES = ("prune", "distill", "pretrain")  # init_from=null: the newest finished of these, in this order
+
+
+def resolve_init(init_from: Optional[str], log_dir: Optional[str] = None) -> Path:
+    """The model fine-tuning starts from: a folder or registered name, or the furthest finished stage."""
+    if init_from is None:
+        return latest_model(INIT_STAGES, log_dir=log_dir)
+    return resolve_model(init_from, log_dir=log_dir)
+
+
+def check_template(template: str) -> tuple[str, str]:
+    """The template's text before and after `{input}`; `{control}` must come before `{input}`."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if sorted(fields) != ["control", "input"] or fields.index("control") > fields.index("input"):
+        raise ValueError(
+            f"data.prompt_template={template!r} must contain {{control}} then {{input}}, once each (and no other field)"
+        )
+    before, after = template.split("{input}")
+    return before, after
+
+
+def encode_prompt(tokenizer: SlimPajamaTokenizer, template: str, control: str, text: str) -> list[int]:
+    """bos + the template around `control` (control tokens kept) and `text` (encoded as plain text).
+    Equal to `tokenizer.encode(template.format(control=control, input=text))` when `text` holds no
+    control-token string and the template puts no text right before `{input}` that could merge with it."""
+    before, after = check_template(template)
+    ids = tokenizer.encode(before.format(control=control))
+    if len(ids) > 1:
+        ids += tokenizer.encode_continuation(text, split_special_tokens=True)
+    else:  # nothing before the input: it starts the text (SentencePiece's dummy prefix space)
+        ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return ids + tokenizer.encode_continuation(after, split_special_tokens=False)
+
+
+def encode_example(tokenizer: SlimPajamaTokenizer, template: str, ex: dict, max_len: int) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, truncated): labels are IGNORE_INDEX on the prompt. At most `max_len` ids: a long
+    prompt is cut to half of them (its input's end goes), then the output's end."""
+    prompt = encode_prompt(tokenizer, template, ex["control"], ex["input"])
+    output = tokenizer.encode_continuation(ex["output"], split_special_tokens=True) + [tokenizer.eos_token_id]
+    truncated = len(prompt) + len(output) > max_len
+    if truncated:
+        if len(prompt) > max_len // 2:
+            tail = encode_prompt(tokenizer, template, "", "")[1:]  # the template after the input
+            keep = max_len // 2 - len(tail)
+            prompt = prompt[: len(prompt) - len(tail)][:keep] + tail
+        output = output[: max_len - len(prompt)]
+    return prompt + output, [IGNORE_INDEX] * len(prompt) + output, truncated
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, items: list[tuple[list[int], list[int]]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.items[i]
+
+
+def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: input_ids with pad, labels with IGNORE_INDEX."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, lab) in enumerate(items):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class FinetuneDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tasks: dict,
+        output_dir: str,
+        init_from: Optional[str] = None,
+        log_dir: Optional[str] = None,
+        corpus_paths: Sequence[str] = (),
+        custom: Optional[dict] = None,
+        prompt_template: str = DEFAULT_TEMPLATE,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_batch_size: Optional[int] = None,
+        per_source: int = 600,
+        passage_words: int = 48,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_val_examples: Optional[int] = 200,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        """tasks: {built-in task name: weight} (see `slimpajama.data.tasks.BUILT_IN`); custom: {name:
+        {kind, path, weight}} for the user's own jsonl files; output_dir: where built-in tasks are
+        built once; init_from: the model whose tokenizer is grown (null: the newest finished model);
+        max_val_examples: per task, for the validation loss (the test split is for evaluation)."""
+        super().__init__()
+        self.task_weights = {str(k): float(v) for k, v in (tasks or {}).items()}
+        self.custom = {str(k): dict(v) for k, v in (custom or {}).items()}
+        self.task_weights.update({k: float(v.get("weight", 1.0)) for k, v in self.custom.items()})
+        if not self.task_weights or any(w < 0 for w in self.task_weights.values()) or not any(self.task_weights.values()):
+            raise ValueError(f"data.tasks must give at least one task a positive weight, got {self.task_weights}")
+        unknown = sorted(set(tasks or {}) - set(BUILT_IN))
+        if unknown:
+            raise ValueError(f"data.tasks: unknown built-in tasks {unknown} (built-in: {', '.join(BUILT_IN)}; "
+                             "your own data goes in data.custom)")
+        check_template(prompt_template)
+        self.output_dir, self.init_from, self.log_dir = Path(output_dir), init_from, log_dir
+        self.corpus_paths = list(corpus_paths)
+        self.prompt_template, self.seq_len = prompt_template, seq_len
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.per_source, self.passage_words = per_source, passage_words
+        self.val_fraction, self.test_fraction, self.max_val_examples = val_fraction, test_fraction, max_val_examples
+        self.num_workers, self.seed = num_workers, seed
+        self.tasks: dict[str, TaskSet] = {}
+        self._tokenizer: Optional[SlimPajamaTokenizer] = None
+        self._metrics: dict[str, float] = {}
+
+    # ---- building --------------------------------------------------------------------------
+    def _load_tasks(self) -> dict[str, TaskSet]:
+        built_in = [n for n, w in self.task_weights.items() if n not in self.custom and w > 0]
+        tasks = build_tasks(built_in, self.output_dir, self.corpus_paths, self.per_source, self.passage_words,
+                            self.val_fraction, self.test_fraction, self.seed)
+        for name, spec in self.custom.items():
+            if self.task_weights[name] > 0:
+                tasks[name] = user_task(name, spec.get("kind", "generation"), spec["path"], self.val_fraction,
+                                        self.test_fraction)
+        if not tasks:
+            raise ValueError("no task could be built (see the warnings above for what to install)")
+        return tasks
+
+    def prepare_data(self) -> None:
+        self._load_tasks()  # builds the built-in tasks once (rank 0); setup reads them back
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._tokenizer is not None:
+            return
+        self.tasks = self._load_tasks()
+        init = resolve_init(self.init_from, self.log_dir)
+        tokenizer = SlimPajamaTokenizer.from_pretrained(init)
+        before = len(tokenizer)
+        controls = sorted({c for t in self.tasks.values() for c in t.controls if c.startswith("<|") and c.endswith("|>")})
+        tokenizer.add_control_tokens(controls)
+        log.info("tokenizer of %s: %d -> %d tokens (%d control tokens)", init, before, len(tokenizer), len(controls))
+        self._tokenizer = tokenizer
+        self.data: dict[str, dict[str, list]] = {}
+        truncated = 0
+        for name, task in self.tasks.items():
+            self.data[name] = {}
+            for split, rows in task.splits.items():
+                encoded = [encode_example(tokenizer, self.prompt_template, ex, self.seq_len + 1) for ex in rows]
+                truncated += sum(t for _, _, t in encoded)
+                self.data[name][split] = [(ids, lab) for ids, lab, _ in encoded]
+                self._metrics[f"data/{name}/{split}_examples"] = float(len(rows))
+        self._metrics["data/truncated_examples"] = float(truncated)
+        active = {n: w for n, w in self.task_weights.items() if n in self.tasks and w > 0 and self.data[n]["train"]}
+        total = sum(active.values())
+        self.mix = {n: w / total for n, w in sorted(active.items())}
+        log.info("task mix: %s", ", ".join(f"{n} {w:.1%}" for n, w in self.mix.items()))
+
+    @property
+    def tokenizer(self) -> Optional[SlimPajamaTokenizer]:
+        return self._tokenizer
+
+    @property
+    def metrics(self) -> dict:
+        return dict(self._metrics)
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def _loader(self, items, batch_size: int, sampler=None) -> DataLoader:
+        pad = self._tokenizer.pad_token_id
+        return DataLoader(_Examples(items), batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=lambda b: collate(b, pad), drop_last=sampler is not None)
+
+    def train_dataloader(self) -> DataLoader:
+        items, weights = [], []
+        for name, share in self.mix.items():
+            rows = self.data[name]["train"]
+            items += rows
+            weights += [share / len(rows)] * len(rows)  # each task draws its share, whatever its size
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = WeightedRandomSampler(weights, num_samples=len(items), replacement=True, generator=generator)
+        return self._loader(items, self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        items = [ex for name in self.mix for ex in self.data[name]["val"][: self.max_val_examples]]
+        if not items:
+            raise ValueError("no validation examples: raise data.val_fraction")
+        return self._loader(items, self.val_batch_size)

@@ -1,0 +1,105 @@
+"""Fine-tuning with control signals: next-token cross-entropy on the output tokens of labeled tasks.
+
+The model starts from a saved folder (`init_from`, default the newest finished model of the
+pipeline: prune, then distill, then pretrain). Before the first step its embedding and output
+layers grow to the data module's tokenizer, which carries the tasks' control tokens (new rows start
+at the mean embedding; old rows are unchanged). The labels are -100 on the prompt, so
+`linear_cross_entropy` averages over output tokens only.
+
+After fitting, `extra_metrics` evaluates the final model on every task's test split
+(`slimpajama.evaluate`) — the pipeline writes the result into metrics.json — and the prompt
+template is saved into generation_config.json so `slimpajama-generate` builds prompts as training did.
+"""
+
+import logging
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from slimpajama.data.finetune import resolve_init
+from slimpajama.losses import linear_cross_entropy
+from slimpajama.optim import lightning_optimizers
+from slimpajama.pretrained import SlimPajamaModel
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+        init_from: Optional[str] = None,
+        log_dir: Optional[str] = None,
+        evaluation: Optional[dict] = None,
+    ):
+        """init_from: a model folder or registered name (null: the newest finished model);
+        evaluation: keyword arguments of `slimpajama.evaluate.evaluate_tasks` for the end-of-fit
+        evaluation (null or {enabled: false} skips it)."""
+        super().__init__()
+        self.init_dir = resolve_init(init_from, log_dir)
+        self.save_hyperparameters({"init_from": str(self.init_dir)})
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.model = SlimPajamaModel.from_pretrained(self.init_dir).train()
+        log.info("fine-tuning %s", self.init_dir)
+        self.evaluation = dict(evaluation or {})
+        self.val_loss = MeanMetric()
+        self.generation_config: dict = {}  # saved into generation_config.json by the pipeline
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm.seq_len + 1 > self.model.config.max_seq_len + 1:
+            raise ValueError(f"data.seq_len={dm.seq_len} exceeds the max_seq_len {self.model.config.max_seq_len} "
+                             f"of {self.init_dir}")
+        new_size = len(dm.tokenizer)
+        if new_size > self.model.config.vocab_size:
+            log.info("embeddings: %d -> %d rows (new rows = the mean embedding)", self.model.config.vocab_size, new_size)
+            self.model.resize_token_embeddings(new_size)
+        self.generation_config = {"prompt_template": dm.prompt_template}
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        ids, labels = batch["input_ids"], batch["labels"]
+        x, y = ids[:, :-1], labels[:, 1:]  # (B, T): position t predicts token t + 1; -100 on the prompt
+        h = self.model(x, apply_head=False)  # (B, T, d); padding sits after each example: causal, harmless
+        return linear_cross_entropy(h, self.model.lm_head.weight, y), int((y != -100).sum())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, n = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/output_tokens", float(n))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n = self._loss(batch)
+        self.val_loss.update(loss, weight=n)  # mean over output tokens, not batches
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    def configure_optimizers(self):
+        return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory)
+
+    def extra_metrics(self) -> dict:
+        """The end-of-fit evaluation on the test splits (see `slimpajama.evaluate`), rank 0 only."""
+        if not self.evaluation.get("enabled", True) or not self.trainer.is_global_zero:
+            return {}
+        from slimpajama.evaluate import evaluate_tasks, log_sample_tables
+
+        options = {k: v for k, v in self.evaluation.items() if k != "enabled"}
+        dm = self.trainer.datamodule
+        if dm.seq_len + 1 > self.model.config.max_seq_len + 1:
+            raise ValueError(f"data.seq_len={dm.seq_len} exceeds the max_seq_len {self.model.config.max_seq_len} "
+                             f"of {self.init_dir}")
+        metrics, samples = evaluate_tasks(self.model, dm.tokenizer, dm.tasks, dm.prompt_template, **options)
+        log_sample_tables(self.trainer.loggers, samples)
+        return metrics

@@ -1,0 +1,306 @@
+"""Fine-tuning with control signals: control tokens, embeddings, task builders, masking, metrics,
+guidance, and the stage end to end (tiny model, CPU)."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONTROL, TINY, compose_cfg, english
+from slimpajama import SlimPajamaModel, SlimPajamaTokenizer
+from slimpajama.data import tasks as T
+from slimpajama.data.finetune import collate, encode_example, encode_prompt
+from slimpajama.evaluate import SourceClassifier, classification_scores, qa_scores, translation_scores
+from slimpajama.losses import IGNORE_INDEX
+from slimpajama.model import SlimPajamaConfig
+
+NEW = ["<|source:alpha|>", "<|source:beta|>"]
+
+
+@pytest.fixture
+def tok2(tok) -> SlimPajamaTokenizer:
+    """A copy of the session tokenizer with two control tokens added."""
+    t = SlimPajamaTokenizer(tok._proto, tok.control_tokens)
+    t.add_control_tokens(NEW)
+    return t
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+def test_added_control_tokens_are_single_tokens_at_the_end(tok, tok2):
+    assert len(tok2) == len(tok) + 2
+    ids = [tok2.convert_tokens_to_ids(t) for t in NEW]
+    assert ids == [len(tok), len(tok) + 1]
+    for t, i in zip(NEW, ids):
+        assert tok2.encode(f"{t}the city", add_special_tokens=False)[0] == i
+        assert tok2.encode(f"the river {t} the city").count(i) == 1
+    text = "the city and the river were new"
+    assert tok2.encode(text) == tok.encode(text)  # old ids keep their meaning
+    assert tok2.add_control_tokens([NEW[0]]) == [ids[0]] and len(tok2) == len(tok) + 2  # idempotent
+
+
+def test_added_control_tokens_save_load_and_transformers_parity(tok2, tmp_path, monkeypatch):
+    tok2.save_pretrained(tmp_path)
+    again = SlimPajamaTokenizer.from_pretrained(tmp_path)
+    assert again.control_tokens == CONTROL + NEW and len(again) == len(tok2)
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(hf) == len(tok2)
+    for text in [f"{NEW[0]}the city", f"{NEW[1]}{CONTROL[0]} new water", "the river was small", f"x {NEW[1]} y"]:
+        assert hf(text)["input_ids"] == tok2.encode(text), text
+
+
+def test_adding_an_existing_ordinary_piece_is_refused(tok):
+    t = SlimPajamaTokenizer(tok._proto, tok.control_tokens)
+    with pytest.raises(ValueError, match="already ordinary pieces"):
+        t.add_control_tokens([t.convert_ids_to_tokens(len(t) - 1)])  # the last BPE merge
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_split_special_tokens_both_modes(tok2, split):
+    text = f"please {NEW[0]} ignore {CONTROL[1]}the rules"
+    ids = tok2.encode(text, split_special_tokens=split)
+    controls = {tok2.convert_tokens_to_ids(t) for t in NEW + CONTROL}
+    assert tok2.decode(ids, skip_special_tokens=False).removeprefix("<s>").lstrip() == text or \
+        tok2.decode(ids[1:]) == text
+    if split:
+        assert not controls & set(ids)  # an end user cannot inject a control code
+        assert tok2.decode(ids[1:]) == text  # ... and the text survives as plain text
+        assert tok2(text, split_special_tokens=True)["input_ids"] == ids
+    else:
+        assert len(controls & set(ids)) == 2  # the default: control strings are control tokens
+        assert tok2(text)["input_ids"] == ids
+
+
+# ---- model ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_token_embeddings_keeps_old_rows_and_uses_the_mean(tied, tmp_path):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(SlimPajamaConfig(vocab_size=96, n_layer=1, n_head=2, d_model=32, tie_embeddings=tied))
+    old_e, old_h = model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    ids = torch.randint(0, 96, (1, 8))
+    before = model(ids)
+    model.resize_token_embeddings(100)
+    assert model.config.vocab_size == 100 and model.embed_tokens.weight.shape == (100, 32)
+    assert torch.equal(model.embed_tokens.weight[:96], old_e) and torch.equal(model.lm_head.weight[:96], old_h)
+    torch.testing.assert_close(model.embed_tokens.weight[96:], old_e.mean(0).expand(4, -1))
+    torch.testing.assert_close(model.lm_head.weight[96:], old_h.mean(0).expand(4, -1))
+    torch.testing.assert_close(model(ids)[..., :96], before)  # old tokens: the same logits
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    model.save_pretrained(tmp_path)
+    again = SlimPajamaModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(again(ids), model(ids))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="drop rows"):
+        model.resize_token_embeddings(50)
+
+
+# ---- task builders on small fixtures ---------------------------------------------------------------
+def test_source_tasks_from_a_corpus(corpus_dir):
+    passages = T.source_passages([str(corpus_dir)], per_source=10, words=20, seed=0)
+    assert sorted(passages) == ["alpha", "beta", "gamma"] and all(len(p) == 10 for p in passages.values())
+    gen = T.build_source_generation(passages)
+    assert {r["control"] for r in gen} == {"<|source:alpha|>", "<|source:beta|>", "<|source:gamma|>"}
+    assert all(r["input"] == "" and len(r["output"].split()) >= 1 for r in gen)
+    topic = T.build_topic(passages)
+    assert {r["output"] for r in topic} == {"alpha", "beta", "gamma"} and topic[0]["control"] == "<|task:topic|>"
+    assert T.source_passages([str(corpus_dir)], 10, 20, 0) == passages  # deterministic
+
+
+def test_sentiment_builder(tmp_path):
+    (tmp_path / "pos.txt").write_text("这本书很好看\n非常喜欢这个\n好\n")
+    (tmp_path / "neg.txt").write_text("质量太差了\n不推荐购买\n")
+    rows = T.build_sentiment(per_class=5, root=tmp_path)
+    assert sorted((r["input"], r["output"]) for r in rows) == [
+        ("不推荐购买", "negative"), ("质量太差了", "negative"), ("这本书很好看", "positive"), ("非常喜欢这个", "positive")]
+
+
+def test_translation_builder(tmp_path):
+    f = tmp_path / "de-en"
+    f.write_text(
+        "# comment line\n"
+        "Haus {n} | Ich gehe jetzt nach Hause. :: house | I am going home now.\n"
+        "Laune {f} | Er kommt und geht nach Lust / Laune. :: whim | He comes and goes at whim.\n"
+        "Wasser {n} [chem.] | Das Wasser ist sehr kalt heute. :: water | The water is very cold today.\n"
+    )
+    rows = T.build_translation(f)
+    assert sorted((r["input"], r["output"]) for r in rows) == [
+        ("Das Wasser ist sehr kalt heute.", "The water is very cold today."),
+        ("Ich gehe jetzt nach Hause.", "I am going home now.")]
+    with pytest.raises(T.MissingSource, match="trans-de-en"):
+        T.build_translation(tmp_path / "missing")
+
+
+def test_dialogue_and_qa_builders(tmp_path):
+    (tmp_path / "greetings.yml").write_text("conversations:\n- - Hello\n  - Hi there\n  - How are you?\n")
+    (tmp_path / "trivia.yml").write_text("conversations:\n- - Who wrote Hamlet?\n  - Shakespeare\n")
+    dialogue = T.build_dialogue(tmp_path)
+    assert [(r["input"], r["output"]) for r in dialogue] == [("Hello", "Hi there"), ("Hi there", "How are you?")]
+    assert [(r["input"], r["output"]) for r in T.build_qa(tmp_path)] == [("Who wrote Hamlet?", "Shakespeare")]
+
+
+def test_splits_are_deterministic_and_disjoint():
+    rows = [{"control": "", "input": f"q{i}", "output": f"a{i}"} for i in range(2000)]
+    a = T.split_examples("t", rows, 0.1, 0.2)
+    b = T.split_examples("t", list(reversed(rows)), 0.1, 0.2)
+    assert {s: sorted(r["input"] for r in a[s]) for s in a} == {s: sorted(r["input"] for r in b[s]) for s in b}
+    assert abs(len(a["val"]) - 200) < 60 and abs(len(a["test"]) - 400) < 80
+    assert sum(len(v) for v in a.values()) == 2000
+
+
+def test_user_jsonl_bad_line_names_file_and_line(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"control": "<|x|>", "input": "a", "output": "b"}\n{"input": "no output"}\n')
+    with pytest.raises(T.CorpusError, match=r"mine.jsonl:2"):
+        T.read_examples(f)
+
+
+# ---- prompt masking --------------------------------------------------------------------------------
+def test_loss_counts_only_output_tokens(tok2):
+    template = "{control}{input}\n"
+    ex = {"control": NEW[0], "input": "the city", "output": "was new"}
+    ids, labels, truncated = encode_example(tok2, template, ex, 64)
+    prompt = encode_prompt(tok2, template, NEW[0], "the city")
+    assert not truncated and ids[: len(prompt)] == prompt
+    assert ids == tok2.encode(f"{NEW[0]}the city\nwas new") + [tok2.eos_token_id]  # as generation will see it
+    assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt) and labels[len(prompt):] == ids[len(prompt):]
+    assert tok2.decode(ids[len(prompt):], skip_special_tokens=True) == "was new"
+
+    # the loss of the stage equals CE over the output positions only, whatever the prompt says
+    torch.manual_seed(0)
+    model = SlimPajamaModel(SlimPajamaConfig(vocab_size=len(tok2), n_layer=1, n_head=2, d_model=32))
+    other, other_labels, _ = encode_example(tok2, template, {**ex, "input": "music school river"}, 64)
+    batch = collate([(ids, labels), (other, other_labels)], tok2.pad_token_id)
+    assert batch["labels"][1, len(other):].eq(IGNORE_INDEX).all()
+    from slimpajama.stages.finetune import FinetuneModule
+
+    module = FinetuneModule.__new__(FinetuneModule)
+    torch.nn.Module.__init__(module)
+    module.model = model
+    loss, n = module._loss(batch)
+    logits = model(batch["input_ids"][:, :-1])
+    y = batch["labels"][:, 1:]
+    keep = y != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    assert n == int(keep.sum()) == 2 * (len(ids) - len(prompt))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_untrusted_input_cannot_inject_a_control_token(tok2):
+    ids, labels, _ = encode_example(tok2, "{control}{input}\n", {"control": "", "input": f"hi {NEW[1]}", "output": NEW[0]}, 64)
+    assert tok2.convert_tokens_to_ids(NEW[0]) not in ids and tok2.convert_tokens_to_ids(NEW[1]) not in ids
+
+
+def test_bad_template_is_a_clear_error():
+    from slimpajama.data.finetune import check_template
+
+    with pytest.raises(ValueError, match="prompt_template"):
+        check_template("{input}{control}")
+
+
+# ---- metrics on hand-made examples ------------------------------------------------------------------
+def test_metrics_on_hand_made_examples():
+    cls = classification_scores([0, 1, 1, 0], [0, 1, 0, 0], 2)
+    assert cls["accuracy"] == pytest.approx(0.75)
+    assert cls["f1_macro"] == pytest.approx((0.8 + 2 / 3) / 2)  # class 0: P 1 R 2/3; class 1: P 1/2 R 1
+    qa = qa_scores(["The Shakespeare", "1963", "Paris France"], ["shakespeare", "1964", "Paris"])
+    assert qa["exact_match"] == pytest.approx(100 / 3)
+    assert qa["f1"] == pytest.approx(100 * (1 + 0 + 2 / 3) / 3)
+    same = translation_scores(["the water is very cold today ."], ["the water is very cold today ."])
+    assert same["bleu"] == pytest.approx(100) and same["chrf"] == pytest.approx(100)
+    assert translation_scores(["x y z w"], ["the water is very cold today ."])["bleu"] == 0
+
+
+def test_source_classifier_separates_registers():
+    rng = random.Random(0)
+    code = [f"def f{i}(x):\n    return x + {i}" for i in range(40)]
+    prose = [english(rng) for _ in range(40)]
+    clf = SourceClassifier().fit(code[:30] + prose[:30], ["code"] * 30 + ["prose"] * 30)
+    assert clf.predict(code[30:] + prose[30:]) == ["code"] * 10 + ["prose"] * 10
+
+
+# ---- classifier-free guidance ------------------------------------------------------------------------
+def test_guidance_scale_matches_the_formula_and_one_is_plain():
+    torch.manual_seed(0)
+    model = SlimPajamaModel(SlimPajamaConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32)).eval()
+    cond, uncond = torch.tensor([[1, 5, 9, 11]]), torch.tensor([[1, 11]])
+    plain = model.generate(cond, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(cond, max_new_tokens=6, do_sample=False, guidance_scale=1.0), plain)
+    guided = model.generate(cond, max_new_tokens=6, do_sample=False, guidance_scale=3.0, negative_prompt_ids=uncond)
+    # reference: every step from two full forward passes, no cache
+    seq, neg = cond.clone(), uncond.clone()
+    for _ in range(6):
+        c = model(seq)[:, -1].log_softmax(-1)
+        u = model(neg)[:, -1].log_softmax(-1)
+        nxt = (u + 3.0 * (c - u)).argmax(-1, keepdim=True)
+        seq, neg = torch.cat([seq, nxt], 1), torch.cat([neg, nxt], 1)
+    assert torch.equal(guided, seq)
+    # batched, with num_return_sequences: shapes and rows agree with the single-row run
+    two = model.generate(cond.repeat(2, 1), max_new_tokens=6, do_sample=False, guidance_scale=3.0,
+                         negative_prompt_ids=uncond.repeat(2, 1))
+    assert torch.equal(two, seq.repeat(2, 1))
+
+
+# ---- the stage end to end ---------------------------------------------------------------------------
+@pytest.fixture
+def init_model(tok, tmp_path) -> Path:
+    folder = tmp_path / "init"
+    torch.manual_seed(0)
+    SlimPajamaModel(SlimPajamaConfig(vocab_size=len(tok), n_layer=2, n_head=2, d_model=32, max_seq_len=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _user_tasks(tmp_path: Path) -> dict[str, Path]:
+    rng = random.Random(1)
+    files = {}
+    rows = [{"control": f"<|source:{s}|>", "input": "", "output": " ".join(rng.choice(w) for _ in range(12)), "label": s}
+            for s, w in (("alpha", ["the", "city", "river"]), ("beta", ["music", "school", "water"])) for _ in range(40)]
+    files["gen"] = tmp_path / "gen.jsonl"
+    T.write_examples(files["gen"], rows)
+    files["cls"] = tmp_path / "cls.jsonl"
+    T.write_examples(files["cls"], [{"control": "<|task:topic|>", "input": r["output"], "output": r["label"]} for r in rows])
+    files["chat"] = tmp_path / "chat.jsonl"
+    T.write_examples(files["chat"], [{"control": "<|task:dialogue|>", "input": english(rng), "output": english(rng)}
+                                     for _ in range(40)])
+    files["qa"] = tmp_path / "qa.jsonl"
+    T.write_examples(files["qa"], [{"control": "<|task:qa|>", "input": f"what is {i}", "output": str(i)} for i in range(40)])
+    return files
+
+
+def test_fast_dev_run_of_the_stage(init_model, tmp_path):
+    from slimpajama.pipeline import run
+
+    files = _user_tasks(tmp_path)
+    custom = ",".join(f"{n}:{{kind:{k},path:'{files[n]}',weight:1}}" for n, k in
+                      (("gen", "generation"), ("cls", "classification"), ("chat", "dialogue"), ("qa", "qa")))
+    overrides = [o for o in TINY if not o.startswith(("data", "model"))] + [
+        "stage=finetune", f"init_from={init_model}", "data.tasks=null", f"data.custom={{{custom}}}",
+        "data.seq_len=63", "data.batch_size=4", "debug=fdr", "stage.module.evaluation.per_control=4",
+        "stage.module.evaluation.max_examples=6", "stage.module.evaluation.control_max_new_tokens=8",
+        "stage.module.evaluation.max_new_tokens=4",
+    ]
+    cfg = compose_cfg(overrides, tmp_path, output_dir=tmp_path / "logs" / "finetune" / "runs" / "r")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["val/loss"])
+    for key in ("test/cls/accuracy", "test/cls/f1_macro", "test/cls/majority_accuracy", "test/chat/ppl",
+                "test/qa/exact_match", "control/gen/adherence_with", "control/gen/adherence_without",
+                "control/gen/adherence_wrong", "control/gen/adherence_guided"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    model = SlimPajamaModel.from_pretrained(out / "model")
+    tok = SlimPajamaTokenizer.from_pretrained(out / "model")
+    assert {"<|source:alpha|>", "<|task:qa|>"} <= set(tok.control_tokens)
+    assert model.config.vocab_size == len(tok) > VOCAB_BEFORE(init_model)
+    assert json.loads((out / "model" / "generation_config.json").read_text())["prompt_template"] == "{control}{input}\n"
+    assert (tmp_path / "logs" / "latest" / "finetune").resolve() == out.resolve()
+
+
+def VOCAB_BEFORE(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["vocab_size"]
