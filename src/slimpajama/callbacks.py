@@ -50,6 +50,8 @@ class ThroughputMonitor(L.Callback):
             self._t0, self._tokens, self._batches = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, dict):  # fine-tuning batches: {"input_ids", "labels"} (padded tokens count too)
+            batch = batch["input_ids"]
         self._tokens += batch.shape[0] * (batch.shape[1] - 1)
         self._batches += 1
         if self._batches < self.every * trainer.accumulate_grad_batches:

@@ -336,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     template = (model.generation_config or {}).get("prompt_template", DEFAULT_TEMPLATE)
     root = Path(args.tasks_dir)
-    names = args.tasks or sorted(d.name for d in root.iterdir() if (d / "task.json").is_file()) if root.is_dir() else []
+    names = args.tasks or (sorted(d.name for d in root.iterdir() if (d / "task.json").is_file()) if root.is_dir() else [])
     if not names:
         raise FileNotFoundError(f"no task folders in {root} (run `python train.py stage=finetune` to build them)")
     tasks = {n: load_task(root / n) for n in names}
