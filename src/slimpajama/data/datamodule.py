@@ -4,10 +4,17 @@
 opens it as LitData `StreamingDataset`s of `seq_len + 1`-token blocks, one per source, mixed by
 `weights` with `CombinedStreamingDataset` for training. Each rank and worker streams its own share
 of the chunks, from a local folder or an object store alike.
+
+The training loader's position is part of every checkpoint (Lightning stores `state_dict()` of a
+stateful loader). Lightning fetches one batch ahead of the one it trains on, so a plain
+`StreamingDataLoader` would save a position one batch too far and a resumed run would skip a batch;
+`ResumableStreamingDataLoader` saves the position after the last batch actually trained on.
 """
 
 import logging
-from typing import Optional, Union
+from collections import deque
+from copy import deepcopy
+from typing import Any, Iterator, Optional, Union
 
 import lightning as L
 import torch
@@ -18,6 +25,67 @@ from slimpajama.data.corpus import MarkovCorpus, PreparedCorpus, TextCorpus
 from slimpajama.data.reader import CorpusError
 
 log = logging.getLogger(__name__)
+
+
+class ResumableStreamingDataLoader(StreamingDataLoader):
+    """A `StreamingDataLoader` whose `state_dict()` is the position after the last *consumed* batch.
+
+    The loader snapshots its state as it yields each batch; the consumer calls `mark_consumed()`
+    when it starts training on a batch (the data module does, in `on_before_batch_transfer`), and
+    `state_dict()` returns the snapshot of the last consumed batch, however far the fetcher has read
+    ahead. Resuming from it continues with the next unseen batch: none repeated, none skipped.
+    With `track_consumed=False` it is a plain `StreamingDataLoader`."""
+
+    def __init__(self, *args, track_consumed: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.track_consumed = track_consumed
+        self._consumed = 0  # batches of the current iteration the consumer has taken
+        self._snapshots: deque[tuple[int, dict]] = deque()  # (batches yielded, state after them)
+        self._start_state: Optional[dict] = None  # the state before the first batch of this iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.track_consumed:
+            yield from super().__iter__()
+            return
+        restoring = self.restore
+        before = (deepcopy(self._num_samples_yielded_wrapper), self._num_samples_yielded_streaming,
+                  self._latest_worker_idx)
+        self._consumed, self._start_state = 0, None
+        self._snapshots.clear()
+        for n, batch in enumerate(super().__iter__(), start=1):
+            if n == 1:
+                self._start_state = self._state_before_first_batch(restoring, before)
+            self._snapshots.append((n, super().state_dict()))
+            yield batch
+
+    def _state_before_first_batch(self, restoring: bool, before: tuple) -> dict:
+        # the counters as they stood when this iteration began (restored, or reset for a new epoch)
+        current = (self._num_samples_yielded_wrapper, self._num_samples_yielded_streaming, self._latest_worker_idx)
+        if restoring:
+            start = before
+        else:  # after `load_state_dict`, the worker index is advanced by one: store the one before 0
+            start = ({}, 0, (self.num_workers or 1) - 1)
+        self._num_samples_yielded_wrapper, self._num_samples_yielded_streaming, self._latest_worker_idx = start
+        try:
+            if restoring:
+                self._latest_worker_idx -= 1  # undo load_state_dict's advance: a reload advances it again
+            return super().state_dict()
+        finally:
+            self._num_samples_yielded_wrapper, self._num_samples_yielded_streaming, self._latest_worker_idx = current
+
+    def mark_consumed(self) -> None:
+        self._consumed += 1
+        while len(self._snapshots) > 1 and self._snapshots[0][0] < self._consumed:
+            self._snapshots.popleft()  # keep the consumed batch's snapshot and those read ahead
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._snapshots:  # not iterating (yet): the loader's own position is exact
+            return super().state_dict()
+        if self._consumed == 0:
+            return self._start_state
+        n, state = self._snapshots[0]
+        assert n == self._consumed, (n, self._consumed)
+        return state
 
 
 class SlimPajamaDataModule(L.LightningDataModule):
@@ -45,6 +113,7 @@ class SlimPajamaDataModule(L.LightningDataModule):
         self.expected_vocab_size = vocab_size
         self.prepared: Optional[PreparedCorpus] = None
         self.train_weights: dict[str, float] = {}
+        self._train_loader: Optional[ResumableStreamingDataLoader] = None
 
     def prepare_data(self) -> None:
         self.corpus.prepare(self.cache_dir, progress=self.progress)
@@ -116,10 +185,17 @@ class SlimPajamaDataModule(L.LightningDataModule):
             weights=[self.train_weights[s] for s in sources],
             iterate_over_all=False,
         )
-        return StreamingDataLoader(
+        self._train_loader = ResumableStreamingDataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
             pin_memory=torch.cuda.is_available()
         )
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # called when the training loop takes a batch to train on (not when it reads ahead)
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch
 
     def val_dataloader(self) -> StreamingDataLoader:
         block = self.seq_len + 1
