@@ -250,12 +250,15 @@ def test_from_pretrained_dtype_and_device(tmp_path):
 
 
 # ---- Hugging Face parity --------------------------------------------------------------------------------
-@pytest.mark.parametrize("tie,n_kv_head", [(False, 4), (True, 2), (False, 1)])
-def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, tok, tie, n_kv_head):
+@pytest.mark.parametrize(
+    "shape", [{"n_kv_head": 4}, {"tie_embeddings": True, "n_kv_head": 2}, {"n_kv_head": 1},
+              {"n_head": 2, "n_kv_head": 1, "head_dim": 8}],  # the last: heads removed by structured pruning
+    ids=["mha-untied", "gqa-tied", "mqa", "pruned-heads"])
+def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, tok, shape):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    model = SlimPajamaModel(tiny(tie_embeddings=tie, n_kv_head=n_kv_head))
+    model = SlimPajamaModel(tiny(**shape))
     with torch.no_grad():  # a sharper distribution than at init, so greedy paths are not near-ties
         for p in model.parameters():
             p.mul_(4.0) if p.dim() > 1 else None
