@@ -98,12 +98,17 @@ def main() -> None:
     p.add_argument("--log-dir", default="/work/benchlogs/distill-bench")
     p.add_argument("--tag", default=None, help="run-name prefix (default: <student>-<steps>-s<seed>)")
     p.add_argument("--scratch-only", action="store_true", help="train only the scratch baseline")
+    p.add_argument("--no-scratch", action="store_true", help="train only the distill runs; the scratch run "
+                   "(from --scratch-only in another process) is read when they finish")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for every run, e.g. data.batch_size=8")
     args = p.parse_args()
     tag = args.tag or f"{args.student}-{args.steps}-s{args.seed}"
 
-    scratch = train(f"{tag}-scratch", ["stage=pretrain"], args)
+    if args.no_scratch:  # the baseline trains in another process (bench/distill.py --scratch-only): read it after
+        scratch = None
+    else:
+        scratch = train(f"{tag}-scratch", ["stage=pretrain"], args)
     if args.scratch_only:
         print(json.dumps({k: scratch[k] for k in ("val/loss", "val/ppl")}))
         return
@@ -124,6 +129,11 @@ def main() -> None:
         name = f"{tag}-{kind}-T{temperature}-r{kd_ratio}"
         rows.append((variant, train(name, overrides, args)))
 
+    if scratch is None:
+        metrics_file = Path(args.runs_dir) / f"{tag}-scratch" / "metrics.json"
+        if not metrics_file.is_file():
+            sys.exit(f"{metrics_file} missing: run with --scratch-only (same --steps, --seed, --student) first")
+        scratch = {**json.loads(metrics_file.read_text()), "run_dir": str(metrics_file.parent), "wall_s": None}
     t_ppl, t_loss = rows[0][1]["teacher/val_ppl"], rows[0][1]["teacher/val_loss"]
     s_ppl, s_loss = scratch["val/ppl"], scratch["val/loss"]
     lines = [
