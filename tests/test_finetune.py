@@ -315,3 +315,21 @@ def test_fast_dev_run_of_the_stage(init_model, tmp_path):
 
 def VOCAB_BEFORE(folder: Path) -> int:
     return json.loads((folder / "config.json").read_text())["vocab_size"]
+
+
+def test_sample_tables_go_to_wandb_loggers_only():
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from slimpajama.evaluate import TABLE_COLUMNS, log_sample_tables
+
+    class RecordingWandb(WandbLogger):
+        def __init__(self):  # no run, no files: record what would be logged
+            self.tables = []
+
+        def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+            self.tables.append((key, columns, data))
+
+    wandb_logger = RecordingWandb()
+    samples = {"controls": [["gen", "alpha", "with", "the city"]], "outputs": []}
+    log_sample_tables([wandb_logger, CSVLogger("/tmp/unused-csv")], samples)
+    assert wandb_logger.tables == [("samples/controls", TABLE_COLUMNS["controls"], samples["controls"])]

@@ -102,4 +102,6 @@ class FinetuneModule(L.LightningModule):
                              f"of {self.init_dir}")
         metrics, samples = evaluate_tasks(self.model, dm.tokenizer, dm.tasks, dm.prompt_template, **options)
         log_sample_tables(self.trainer.loggers, samples)
+        for lg in self.trainer.loggers:
+            lg.log_metrics(metrics, self.trainer.global_step)
         return metrics
