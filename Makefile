@@ -3,13 +3,19 @@
 #   make test   set up, run every test (slow ones included)
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast bench clean-cache
+.PHONY: setup demo pipeline report test test-fast bench clean-cache
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	$(PY) train.py stage=pretrain model=micro data=demo
+
+pipeline: setup   # pretrain -> distill -> prune -> finetune -> report, on the demo corpus
+	$(PY) train.py experiment=pipeline_demo
+
+report: setup     # the report of the newest finished run of every stage
+	$(PY) -m slimpajama.report
 
 test: setup
 	$(PY) -m pytest -q

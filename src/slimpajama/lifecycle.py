@@ -1,0 +1,71 @@
+"""The whole lifecycle in one command: every stage as an ordinary `python train.py stage=<s>` run,
+then the report.
+
+    python train.py experiment=pipeline_demo       # conf/experiment/pipeline_demo.yaml
+
+A config with a `pipeline` block (`stages`: stage name -> its overrides, run in the pipeline's
+order pretrain, distill, prune, finetune (leave a stage out to skip it); `common`:
+overrides for every stage) makes `train.py` run each stage in its own process, in a sub-folder
+of this run (`logs/pipeline/runs/<time>/<stage>/`). Each stage finds the previous one's model as it
+would on its own (`logs/latest/<stage>`). Runs of one pipeline share a W&B group. At the end
+`slimpajama.report` measures every model and writes `report.md` and its plots into this run folder.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from slimpajama.registry import PIPELINE
+
+log = logging.getLogger(__name__)
+
+
+def stage_command(cfg: DictConfig, stage: str, overrides: list, out: Path, logger_choice: str, group: str) -> list:
+    cmd = [sys.executable, str(Path(cfg.paths.root_dir) / "train.py"), f"stage={stage}",
+           f"logger={logger_choice}", *map(str, cfg.pipeline.get("common") or []), *map(str, overrides or []),
+           f"paths.log_dir={cfg.paths.log_dir}", f"paths.data_dir={cfg.paths.data_dir}", f"seed={cfg.seed}",
+           f"hydra.run.dir={out / stage}"]
+    if "wandb" in logger_choice:
+        cmd.append(f"logger.wandb.group={group}")
+    return cmd
+
+
+def run_lifecycle(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    from slimpajama.report import write_report
+
+    out = Path(cfg.paths.output_dir)
+    choice = HydraConfig.get().runtime.choices.get("logger", "wandb")
+    group = f"pipeline-{out.name}"
+    stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True)
+    unknown = sorted(set(stages) - set(PIPELINE))
+    if unknown:
+        raise ValueError(f"pipeline.stages: unknown stages {unknown}; the stages are {', '.join(PIPELINE)}")
+    runs, timings = {}, {}
+    for stage in [s for s in PIPELINE if s in stages]:  # always in the pipeline's order
+        overrides = stages[stage]
+        cmd = stage_command(cfg, stage, overrides, out, choice, group)
+        log.info("pipeline: %s\n  %s", stage, " ".join(cmd))
+        start = time.perf_counter()
+        result = subprocess.run(cmd, env={**os.environ, "SLIMPAJAMA_ROOT": str(cfg.paths.root_dir)})
+        timings[stage] = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"pipeline stage {stage!r} failed (exit {result.returncode}); its log: {out / stage / (stage + '.log')}"
+            )
+        runs[stage] = out / stage
+        log.info("pipeline: %s finished in %.0f s", stage, timings[stage])
+    start = time.perf_counter()
+    report = write_report(runs, out, Path(cfg.paths.log_dir), **OmegaConf.to_container(cfg.pipeline.report, resolve=True))
+    timings["report"] = time.perf_counter() - start
+    (out / "pipeline.json").write_text(json.dumps({"runs": {s: str(r) for s, r in runs.items()},
+                                                   "seconds": timings, "wandb_group": group}, indent=2))
+    log.info("pipeline: %s", ", ".join(f"{s} {t / 60:.1f} min" for s, t in timings.items()))
+    return report
