@@ -16,7 +16,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from slimpajama.checkpointing import RunIdentity, logger_ids
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,19 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
     log.info("resuming from %s", newest)
     return str(newest)
+
+
+def _continue_logger_runs(cfg: DictConfig, ckpt_path: str) -> None:
+    """A resumed run logs into the same W&B run: the id stored in the checkpoint (`RunIdentity`)."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is None or wandb_cfg.get("id"):
+        return
+    run_id = logger_ids(ckpt_path).get("wandb")
+    if run_id:
+        with open_dict(cfg):
+            wandb_cfg.id = run_id
+            wandb_cfg.resume = wandb_cfg.get("resume") or "allow"
+        log.info("continuing W&B run %s", run_id)
 
 
 @rank_zero_only
@@ -85,9 +100,12 @@ def run(cfg: DictConfig) -> Optional[float]:
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls 3-6x once weights get small
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path:
+        _continue_logger_runs(cfg, ckpt_path)
     datamodule = instantiate(cfg.data.module)
     module = instantiate(cfg.stage.module)
-    callbacks = _objects(cfg.get("callbacks"))
+    callbacks = _objects(cfg.get("callbacks")) + [RunIdentity()]
     loggers = _objects(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -97,7 +115,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
     if cfg.get("final_validation", True):  # measure the final weights, not those of the last periodic validation
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
