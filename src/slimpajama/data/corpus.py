@@ -65,10 +65,14 @@ def write_tokens(directory: Path, arrays: Sequence[np.ndarray], chunk_bytes: str
 class PreparedCorpus:
     """What `prepare()` wrote: token folders per split and source, the tokenizer, extra metrics."""
 
-    def __init__(self, root: Path, manifest: dict):
-        self.root, self.manifest = root, manifest
+    def __init__(self, root: Path, manifest: dict, url: Optional[str] = None):
+        """url: where the token folders are streamed from (`s3://...`, `gs://...`, `local:/...`): a copy
+        of `root` in an object store; the manifest and tokenizer are read from `root`."""
+        self.root, self.manifest, self.url = root, manifest, url
 
     def dirs(self, split: str) -> dict[str, str]:
+        if self.url:
+            return {s: f"{self.url.rstrip('/')}/tokens/{split}/{s}" for s in self.manifest["tokens"][split]}
         return {s: str(self.root / "tokens" / split / s) for s in self.manifest["tokens"][split]}
 
     def tokens(self, split: str) -> dict[str, int]:
@@ -110,6 +114,30 @@ class _Corpus:
         os.replace(tmp, root)
         log.info("prepared corpus in %s", root)
         return PreparedCorpus(root, manifest)
+
+    @staticmethod
+    def fetch(url: str, local_dir: str) -> PreparedCorpus:
+        """A prepared corpus in an object store (a copy of a `cache_dir/<key>` folder, e.g.
+        `s3://bucket/textcorpus-<key>`): downloads its manifest and tokenizer into `local_dir`; the
+        token chunks stay remote and are streamed by LitData. Any URL LitData reads works (`local:` too)."""
+        from litdata.streaming.downloader import get_downloader
+
+        from slimpajama.tokenizer import CONFIG_FILE, MODEL_FILE
+
+        url = url.rstrip("/")
+        root = Path(local_dir) / f"remote-{_hash(url)}"
+        root.mkdir(parents=True, exist_ok=True)
+        downloader = get_downloader(url, str(root), [])
+        try:
+            downloader.download_file(f"{url}/{MANIFEST}", str(root / MANIFEST))
+        except Exception as e:
+            raise FileNotFoundError(f"data.remote_url={url}: cannot read {url}/{MANIFEST} ({e})") from e
+        manifest = json.loads((root / MANIFEST).read_text())
+        if t := manifest.get("tokenizer_dir"):
+            (root / t).mkdir(exist_ok=True)
+            for name in (MODEL_FILE, CONFIG_FILE):
+                downloader.download_file(f"{url}/{t}/{name}", str(root / t / name))
+        return PreparedCorpus(root, manifest, url=url)
 
     def load(self, cache_dir: str) -> PreparedCorpus:
         root = self.root(cache_dir)

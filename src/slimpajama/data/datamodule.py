@@ -14,6 +14,7 @@ stateful loader). Lightning fetches one batch ahead of the one it trains on, so 
 import logging
 from collections import deque
 from copy import deepcopy
+from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import lightning as L
@@ -101,9 +102,14 @@ class SlimPajamaDataModule(L.LightningDataModule):
         seed: int = 42,
         progress: bool = True,
         vocab_size: Optional[int] = None,
+        remote_url: Optional[str] = None,
+        stream_cache_dir: Optional[str] = None,
     ):
         """weights: per-source mixing weights (normalised; 0 drops a source); None mixes sources in
-        proportion to their token counts. vocab_size: what the config promises the model (checked)."""
+        proportion to their token counts. vocab_size: what the config promises the model (checked).
+        remote_url: stream a prepared corpus from an object store (`s3://bucket/textcorpus-<key>`, a
+        copy of a `cache_dir/<key>` folder) instead of preparing `corpus` locally; chunks are cached
+        under stream_cache_dir (default `<cache_dir>/stream`) as they are read."""
         super().__init__()
         self.corpus = corpus
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -111,17 +117,23 @@ class SlimPajamaDataModule(L.LightningDataModule):
         self.weights = dict(weights) if weights else None
         self.cache_dir, self.num_workers, self.seed, self.progress = cache_dir, num_workers, seed, progress
         self.expected_vocab_size = vocab_size
+        self.remote_url = remote_url
+        self.stream_cache_dir = stream_cache_dir or f"{cache_dir}/stream"
         self.prepared: Optional[PreparedCorpus] = None
         self.train_weights: dict[str, float] = {}
         self._train_loader: Optional[ResumableStreamingDataLoader] = None
 
     def prepare_data(self) -> None:
-        self.corpus.prepare(self.cache_dir, progress=self.progress)
+        if not self.remote_url:  # a remote corpus was prepared elsewhere
+            self.corpus.prepare(self.cache_dir, progress=self.progress)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.prepared is not None:
             return
-        self.prepared = self.corpus.load(self.cache_dir)
+        if self.remote_url:
+            self.prepared = type(self.corpus).fetch(self.remote_url, self.stream_cache_dir)
+        else:
+            self.prepared = self.corpus.load(self.cache_dir)
         vocab = self.prepared.manifest["vocab_size"]
         if self.expected_vocab_size is not None and vocab != self.expected_vocab_size:
             raise ValueError(
@@ -168,8 +180,10 @@ class SlimPajamaDataModule(L.LightningDataModule):
         return weights
 
     def _dataset(self, directory: str, shuffle: bool) -> StreamingDataset:
+        remote = self.prepared is not None and self.prepared.url is not None
         return StreamingDataset(
             directory,
+            cache_dir=f"{self.stream_cache_dir}/{Path(directory).parent.name}-{Path(directory).name}" if remote else None,
             item_loader=TokensLoader(block_size=self.seq_len + 1),  # only whole blocks, never a partial one
             shuffle=shuffle,
             drop_last=shuffle,  # training: equal shares across ranks; validation: every block
