@@ -10,14 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_cfg
-from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama import pruning
+from slimpajama import SlimPajamaConfig, SlimPajamaModel, pruning
 from slimpajama.pipeline import run
 
 
 def tiny_model(seed: int = 0, **kw) -> SlimPajamaModel:
     torch.manual_seed(seed)
-    c = dict(vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, d_model=32, intermediate_size=64, max_seq_len=48)
+    c = {"vocab_size": 97, "n_layer": 3, "n_head": 4, "n_kv_head": 2, "d_model": 32, "intermediate_size": 64, "max_seq_len": 48}
     return SlimPajamaModel(SlimPajamaConfig(**{**c, **kw})).eval()
 
 
@@ -130,11 +129,11 @@ def test_wanda_beats_magnitude_when_inputs_have_outlier_features():
 
 
 def test_cubic_schedule():
-    s = lambda step: pruning.cubic_sparsity(step, final=0.8, initial=0.0, start=10, end=110, every=10)  # noqa: E731
+    s = lambda step: pruning.cubic_sparsity(step, final=0.8, initial=0.0, start=10, end=110, every=10)
     assert s(0) == 0.0 and s(10) == 0.0 and s(110) == 0.8 and s(500) == 0.8
     assert s(60) == pytest.approx(0.8 - 0.8 * 0.5**3)
     assert s(65) == s(60)  # held between updates
-    values = [s(t) for t in range(0, 120)]
+    values = [s(t) for t in range(120)]
     assert values == sorted(values)
 
 

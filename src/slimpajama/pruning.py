@@ -27,12 +27,12 @@ is `[gate (I); up (I)]` rows by d_model columns.
 
 import fnmatch
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from slimpajama.model import RMSNorm, rope_cache
 
@@ -55,7 +55,7 @@ def prunable_modules(model: nn.Module, patterns: Sequence[str] = DEFAULT_PRUNABL
         for p in matched:
             hits[p] += 1
         if not isinstance(module, (nn.Linear, nn.Embedding)):
-            raise ValueError(f"prune.prunable: {name} (matched by {matched[0]!r}) is a {type(module).__name__}, "
+            raise ValueError(f"prune.prunable: {name} (matched by {matched[0]!r}) is a {type(module).__name__}, "  # noqa: TRY004 (a config error)
                              "not a Linear or Embedding")
         if id(module.weight) not in seen:
             seen.add(id(module.weight))
@@ -168,7 +168,7 @@ def _inputs(batch: torch.Tensor, device) -> torch.Tensor:
 
 @torch.no_grad()
 def input_sq_sums(model: nn.Module, batches: Iterable[torch.Tensor], modules: dict[str, nn.Module],
-                  stop_after: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+                  stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Sum over all calibration tokens of x_j^2 for the input x of each module (forward hooks).
     `stop_after`: a block after which the forward pass is cut short (its outputs are not needed)."""
     sums: dict[str, torch.Tensor] = {}
@@ -212,7 +212,7 @@ def wanda_prune(model: nn.Module, batches: Sequence[torch.Tensor], modules: dict
         apply_masks(modules, masks)
         return masks, norms
     blocks = getattr(model, "layers", [])
-    groups: list[tuple[Optional[nn.Module], dict]] = []
+    groups: list[tuple[nn.Module | None, dict]] = []
     for i, block in enumerate(blocks):
         group = {n: m for n, m in modules.items() if n.startswith(f"layers.{i}.")}
         if group:

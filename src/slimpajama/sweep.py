@@ -11,8 +11,8 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import yaml
 
@@ -29,7 +29,7 @@ def _value(text: str):
         return text
 
 
-def collect(folder: Union[str, Path]) -> list[dict]:
+def collect(folder: str | Path) -> list[dict]:
     """One row per finished job of a multirun folder: its overrides (key -> value) and metrics.
     Jobs without metrics.json (failed or running) are skipped with a warning."""
     folder = Path(folder)
@@ -60,7 +60,7 @@ def swept_keys(rows: Sequence[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.get(k), default=str) for r in rows}) > 1]
 
 
-def write_table(rows: Sequence[dict], out_dir: Union[str, Path], metrics: Sequence[str] = DEFAULT_METRICS) -> tuple[Path, Path]:
+def write_table(rows: Sequence[dict], out_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS) -> tuple[Path, Path]:
     """sweep.csv (every column) and sweep.md (the swept keys and `metrics` that any job has)."""
     out_dir = Path(out_dir)
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -84,9 +84,9 @@ def write_table(rows: Sequence[dict], out_dir: Union[str, Path], metrics: Sequen
     return csv_path, md_path
 
 
-def plot(rows: Sequence[dict], path: Union[str, Path], x: str = "prune.sparsity", y: str = "val/ppl",
-         line: Optional[str] = "prune.method", logy: bool = True, title: Optional[str] = None,
-         reference: Optional[float] = None, reference_label: str = "dense") -> Path:
+def plot(rows: Sequence[dict], path: str | Path, x: str = "prune.sparsity", y: str = "val/ppl",
+         line: str | None = "prune.method", logy: bool = True, title: str | None = None,
+         reference: float | None = None, reference_label: str = "dense") -> Path:
     """One line per value of `line`: `y` against `x`, points sorted by x. `reference`: a horizontal line
     (e.g. the dense model's perplexity)."""
     import matplotlib

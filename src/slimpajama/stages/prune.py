@@ -23,8 +23,8 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -101,18 +101,18 @@ class PruneModule(L.LightningModule):
     def __init__(
         self,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
-        init_from: Optional[str] = None,
-        log_dir: Optional[str] = None,
+        scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+        init_from: str | None = None,
+        log_dir: str | None = None,
         method: str = "magnitude",
         sparsity: float = 0.5,
-        scope: Optional[str] = None,
+        scope: str | None = None,
         prunable: Sequence[str] = pruning.DEFAULT_PRUNABLE,
         schedule: str = "oneshot",
-        gradual: Optional[dict] = None,
+        gradual: dict | None = None,
         recovery: str = "finetune",
-        distill: Optional[dict] = None,
-        structured: Optional[dict] = None,
+        distill: dict | None = None,
+        structured: dict | None = None,
         sequential: bool = True,
         calibration_batches: int = 16,
         eval_batches: int = 16,
@@ -228,7 +228,7 @@ class PruneModule(L.LightningModule):
                                       end, g.get("every", 10))
 
     @torch.no_grad()
-    def _update_masks(self, sparsity: float, calibration: Optional[list] = None) -> None:
+    def _update_masks(self, sparsity: float, calibration: list | None = None) -> None:
         modules = self._prunable()
         if self.method == "wanda" and not self.input_norms:  # one-shot Wanda: block by block on calibration data
             self.masks, _ = pruning.wanda_prune(self.model, calibration, modules, sparsity, self.scope, self.sequential)
