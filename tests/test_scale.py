@@ -73,3 +73,27 @@ def test_remote_url_reads_the_same_batches_as_the_local_folder(tiny_overrides, t
         b = [b for _, b in zip(range(5), getattr(remote, split)())]
         assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b)), split
     assert list((tmp_path / "stream-cache").rglob("chunk-*.bin"))  # chunks were fetched into the cache
+
+
+def test_a_sharded_fsdp_checkpoint_consolidates_into_one_model_folder(tmp_path):
+    """The folder layout Lightning's FSDPStrategy writes with state_dict_type=sharded (torch.distributed.
+    checkpoint shards of {"model", "optimizer_0"} + meta.pt), consolidated on one CPU process."""
+    import torch.distributed.checkpoint as dcp
+
+    from slimpajama import SlimPajamaConfig, SlimPajamaModel
+    from slimpajama.fsdp import consolidate
+
+    config = SlimPajamaConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, intermediate_size=64, max_seq_len=16)
+    torch.manual_seed(0)
+    model = SlimPajamaModel(config)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    ckpt_dir = tmp_path / "last.ckpt"
+    dcp.save({"model": state}, checkpoint_id=str(ckpt_dir), no_dist=True)
+    torch.save({"global_step": 7, "hyper_parameters": {"model": config.to_dict()}}, ckpt_dir / "meta.pt")
+
+    single = consolidate(str(ckpt_dir), model_dir=str(tmp_path / "model"))
+    ckpt = torch.load(single, weights_only=True)
+    assert ckpt["global_step"] == 7 and set(ckpt["state_dict"]) == set(state)
+    loaded = SlimPajamaModel.from_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 64, (2, 16))
+    assert torch.equal(loaded(ids), model(ids))

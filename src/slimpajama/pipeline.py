@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +17,11 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimpajama.checkpointing import RunIdentity, logger_ids
+from slimpajama.fsdp import full_model
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +66,12 @@ def _continue_logger_runs(cfg: DictConfig, ckpt_path: str) -> None:
 
 
 @rank_zero_only
-def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: dict) -> None:
+def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: dict, model=None) -> None:
     out = Path(cfg.paths.output_dir)
     model_dir = out / "model"
+    model = module.model if model is None else model  # an FSDP run passes the unsharded copy
     # a stage may add generation defaults, e.g. the fine-tuning prompt_template
-    module.model.save_pretrained(model_dir, generation_config=getattr(module, "generation_config", None))
+    model.save_pretrained(model_dir, generation_config=getattr(module, "generation_config", None))
     if hasattr(module, "saved_model_metrics"):  # a stage's measurements of the files just written (pruning)
         metrics.update(module.saved_model_metrics(model_dir))
     tokenizer = datamodule.tokenizer
@@ -83,8 +87,8 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     log.info("saved the model to %s (%s -> %s)", model_dir, link, out)
 
     if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
-        ids = tokenizer.encode(cfg.sample.prompt, return_tensors="pt").to(module.device)
-        out_ids = module.model.generate(
+        ids = tokenizer.encode(cfg.sample.prompt, return_tensors="pt").to(next(model.parameters()).device)
+        out_ids = model.generate(
             ids, max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
             seed=cfg.seed,
         )
@@ -115,7 +119,11 @@ def run(cfg: DictConfig) -> Optional[float]:
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # preempted: last.ckpt was saved (ResumeCheckpoint); Lightning would exit with 0
+        log.warning("stopped by SIGTERM after step %d: rerun the same command with ckpt_path=last", trainer.global_step)
+        raise SystemExit(128 + signal.SIGTERM)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
     if cfg.get("final_validation", True):  # measure the final weights, not those of the last periodic validation
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
@@ -134,5 +142,6 @@ def run(cfg: DictConfig) -> Optional[float]:
             f" (entropy-rate bound {metrics['data/entropy_rate']:.4f})" if "data/entropy_rate" in metrics else "",
         )
     if cfg.get("save_model", True):
-        _publish(cfg, module, datamodule, metrics)
+        model = full_model(trainer, module)  # FSDP: gathered onto rank 0 (every rank takes part)
+        _publish(cfg, module, datamodule, metrics, model)
     return metrics.get(cfg.get("optimized_metric", "val/loss"))
