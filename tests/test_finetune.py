@@ -191,6 +191,17 @@ def test_loss_counts_only_output_tokens(tok2):
     torch.testing.assert_close(loss, expected)
 
 
+def test_long_examples_are_cut_in_the_input_then_the_output(tok2):
+    template = "Q: {control}{input}\nA:"
+    ex = {"control": NEW[0], "input": "the city " * 40, "output": "the river " * 40}
+    ids, labels, truncated = encode_example(tok2, template, ex, 32)
+    n_prompt = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    assert truncated and len(ids) == 32 and n_prompt == 16
+    assert ids[:3] == encode_prompt(tok2, template, NEW[0], "")[:3]  # bos, "Q: ", control kept
+    assert tok2.decode(ids[:n_prompt]).endswith("\nA:")  # the template's tail kept
+    assert ids[-1] != tok2.eos_token_id  # the output was cut
+
+
 def test_untrusted_input_cannot_inject_a_control_token(tok2):
     ids, labels, _ = encode_example(tok2, "{control}{input}\n", {"control": "", "input": f"hi {NEW[1]}", "output": NEW[0]}, 64)
     assert tok2.convert_tokens_to_ids(NEW[0]) not in ids and tok2.convert_tokens_to_ids(NEW[1]) not in ids

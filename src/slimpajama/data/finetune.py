@@ -70,7 +70,7 @@ def encode_example(tokenizer: SlimPajamaTokenizer, template: str, ex: dict, max_
     truncated = len(prompt) + len(output) > max_len
     if truncated:
         if len(prompt) > max_len // 2:
-            tail = encode_prompt(tokenizer, template, "", "")[1:]  # the template after the input
+            tail = tokenizer.encode_continuation(check_template(template)[1], split_special_tokens=False)  # after {input}
             keep = max_len // 2 - len(tail)
             prompt = prompt[: len(prompt) - len(tail)][:keep] + tail
         output = output[: max_len - len(prompt)]
