@@ -52,7 +52,12 @@ def write_tokens(directory: Path, arrays: Sequence[np.ndarray], chunk_bytes: str
     from litdata.streaming.writer import BinaryWriter
 
     directory.mkdir(parents=True, exist_ok=True)
+    from litdata.utilities.env import _DistributedEnv
+
     writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
+    # one writer per folder, even inside a DDP job (prepare_data runs on one rank): otherwise merge()
+    # waits forever for index files from every rank of the job
+    writer._distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
     n = 0
     for i, a in enumerate(arrays):
         writer.add_item(i, torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)))
