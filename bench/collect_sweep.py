@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     csv_path, md_path = write_table(rows, out)
     dense = [r["prune/ppl_dense"] for r in rows if "prune/ppl_dense" in r]
     png = plot(rows, out / "sweep.png", x=args.x, y=args.y, line=args.line, logy=not args.linear,
-               reference=dense[0] if dense else None, title=str(folder))
+               reference=dense[0] if dense else None, title=f"{folder.parent.name}/{folder.name}")
     print(md_path.read_text())
     print(f"wrote {csv_path}, {md_path}, {png}")
     return 0
