@@ -377,3 +377,13 @@ def test_command_line_prune_sweep_and_collector(teacher, corpus_dir, tmp_path):
         tolerance = 1e-3 if r["prune.method"] == "magnitude" else 1 / 128
         assert r["prune/sparsity"] == pytest.approx(r["prune.sparsity"], abs=tolerance)
     assert (folder / "sweep.png").stat().st_size > 5000 and len((folder / "sweep.md").read_text().splitlines()) == 6
+
+
+def test_structured_head_count_stays_loadable_in_transformers():
+    """d_model 32 with 6 query groups of 1 head: keeping 3 of them (32 % 3 != 0) would give a config
+    transformers refuses; the nearest loadable count (4, a tie with 2: more kept) is used instead."""
+    from slimpajama.pruning import _loadable_groups
+
+    assert _loadable_groups(3, 1, 32, 6) == 4
+    assert _loadable_groups(2, 2, 256, 4) == 2  # micro: 4 groups of 2 heads, keeping 2 is fine
+    assert _loadable_groups(3, 2, 256, 4) == 4  # 6 heads do not divide 256; 2 and 4 groups tie: keep more

@@ -30,6 +30,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,9 @@ SCOPES = ("global", "layer", "row")
 
 
 # ----------------------------------------------------------------------------- which weights
+
+
+log = logging.getLogger(__name__)
 
 
 def prunable_modules(model: nn.Module, patterns: Sequence[str] = DEFAULT_PRUNABLE) -> dict[str, nn.Module]:
@@ -324,6 +329,17 @@ def _n_removed(n: int, fraction: float, what: str) -> int:
     return removed
 
 
+def _loadable_groups(keep: int, group_size: int, d_model: int, n_groups: int) -> int:
+    """transformers requires hidden_size to be a multiple of num_attention_heads: the number of kept
+    query groups nearest to `keep` (more kept on a tie) for which d_model % (groups * group_size) == 0."""
+    valid = [g for g in range(1, n_groups + 1) if d_model % (g * group_size) == 0]
+    best = min(valid, key=lambda g: (abs(g - keep), -g))
+    if best != keep:
+        log.warning("structured pruning keeps %d query groups instead of %d: transformers needs hidden size %d "
+                    "to be a multiple of the head count", best, keep, d_model)
+    return best
+
+
 def _top(importance: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` largest entries (ties: lower index first), in ascending order."""
     order = torch.argsort(-importance.float(), stable=True)
@@ -396,6 +412,7 @@ def structured_prune(model: nn.Module, batches: Sequence[torch.Tensor], heads: f
     keep_groups = c.n_kv_head - _n_removed(c.n_kv_head, heads, "heads")
     keep_channels = c.intermediate_size - _n_removed(c.intermediate_size, channels, "channels")
     keep_hidden = c.d_model - _n_removed(c.d_model, hidden, "hidden")
+    keep_groups = _loadable_groups(keep_groups, gs, keep_hidden, c.n_kv_head)
     group_imp = imp["heads"].view(len(kept_layers), c.n_kv_head, gs).sum(-1)  # a query group: its query heads
     groups = [_top(group_imp[j], keep_groups) for j in range(len(kept_layers))]
     chans = [_top(imp["channels"][j], keep_channels) for j in range(len(kept_layers))]
