@@ -318,7 +318,7 @@ def test_fast_dev_run_of_the_stage(init_model, tmp_path):
     for name, kind in (("cls", "classification"), ("qa", "qa")):
         T.save_task(tmp_path / "tasks", T.user_task(name, kind, str(files[name]), 0.1, 0.1))
     main([str(out / "model"), "--tasks-dir", str(tmp_path / "tasks"), "--output", str(tmp_path / "eval.json"),
-          "--max-examples", "6", "--device", "cpu"])
+          "--max-examples", "6", "--device", "cpu", "--seed", str(cfg.seed)])
     standalone = json.loads((tmp_path / "eval.json").read_text())
     assert standalone["test/cls/accuracy"] == pytest.approx(metrics["test/cls/accuracy"])  # the same 6 examples
     assert set(standalone) == {k for k in metrics if k.startswith(("test/cls/", "test/qa/"))}
