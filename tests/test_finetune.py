@@ -112,6 +112,11 @@ def test_source_tasks_from_a_corpus(corpus_dir):
     assert T.source_passages([str(corpus_dir)], 10, 20, 0) == passages  # deterministic
 
 
+def test_short_documents_run_on_into_one_passage():
+    docs = ["Hello\nHi there", "How are you?\nFine, thanks", "one two three four five six"]
+    assert list(T._passages(docs, 6)) == ["Hello\nHi there\nHow are you?", "Fine, thanks\none two three four five six"]
+
+
 def test_sentiment_builder(tmp_path):
     (tmp_path / "pos.txt").write_text("这本书很好看\n非常喜欢这个\n好\n")
     (tmp_path / "neg.txt").write_text("质量太差了\n不推荐购买\n")

@@ -147,29 +147,32 @@ def user_task(name: str, kind: str, path: str, val_fraction: float, test_fractio
 
 
 # ---- builders: records from the packages the set-up installs --------------------------------------
-def _passages(text: str, words: int) -> Iterable[str]:
-    """Consecutive lines of `text` cut into passages of about `words` words (line breaks kept,
-    so code keeps its indentation); a last short piece is dropped."""
+def _passages(texts: Iterable[str], words: int) -> Iterable[str]:
+    """Consecutive lines of the documents `texts` (of one source) cut into passages of about `words`
+    words (line breaks kept, so code keeps its indentation). Short documents (a two-turn
+    conversation) run on into the next one; a last short piece is dropped."""
     lines, n = [], 0
-    for line in text.split("\n"):
-        lines.append(line)
-        n += len(line.split())
-        if n >= words:
-            passage = "\n".join(lines).strip("\n")
-            if passage.strip():
-                yield passage
-            lines, n = [], 0
+    for text in texts:
+        for line in text.split("\n"):
+            lines.append(line)
+            n += len(line.split())
+            if n >= words:
+                passage = "\n".join(lines).strip("\n")
+                if passage.strip():
+                    yield passage
+                lines, n = [], 0
 
 
 def source_passages(corpus_paths: Sequence[str], per_source: int, words: int, seed: int) -> dict[str, list[str]]:
     """`per_source` passages of about `words` words from each source of a corpus, drawn evenly."""
-    by_source: dict[str, list[str]] = defaultdict(list)
+    docs: dict[str, list[str]] = defaultdict(list)
     for doc in read_corpus(corpus_paths):
-        by_source[doc.source].extend(_passages(doc.text, words))
-    if not by_source:
+        docs[doc.source].append(doc.text)
+    if not docs:
         raise CorpusError(f"no documents in {list(corpus_paths)}")
     rng = random.Random(seed)
-    return {s: rng.sample(p, min(per_source, len(p))) for s, p in sorted(by_source.items())}
+    by_source = {s: list(_passages(texts, words)) for s, texts in sorted(docs.items())}
+    return {s: rng.sample(p, min(per_source, len(p))) for s, p in by_source.items()}
 
 
 def build_source_generation(passages: dict[str, list[str]]) -> list[dict]:
