@@ -71,8 +71,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same maths without the no-op casts (decoding is op-bound)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
-        x = x.float()
+        x = x.float()  # normalise in float32, as Llama does
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -90,7 +92,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # x: (B, nh, T, hs); cos/sin: (T, hs) or (B, 1, T, hs)
     half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    out = x * cos + rotated * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -123,13 +126,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache_start=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv = self.n_head, self.n_kv_head
+        heads = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
+        qk = apply_rope(heads[:, : nh + nkv], cos, sin)  # queries and keys rotated in one go
+        q, k, v = qk[:, :nh], qk[:, nh:], heads[:, nh + nkv :]  # (B, nh, T, hs), (B, n_kv, T, hs) x 2
         if cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, S, hs), S = cache_start + T
         # each key/value head serves a group of n_head // n_kv_head query heads (enable_gqa: no copies)
