@@ -349,3 +349,38 @@ def test_sample_tables_go_to_wandb_loggers_only():
     samples = {"controls": [["gen", "alpha", "with", "the city"]], "outputs": []}
     log_sample_tables([wandb_logger, CSVLogger("/tmp/unused-csv")], samples)
     assert wandb_logger.tables == [("samples/controls", TABLE_COLUMNS["controls"], samples["controls"])]
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_metrics_samples_table_and_explain_report(init_model, tmp_path, monkeypatch):
+    """A real offline W&B run of the stage: namespaced metrics, the parameter count, the sample
+    generations per control value as a table, and the explain report (HTML + images)."""
+    from slimpajama.pipeline import run
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    files = _user_tasks(tmp_path)
+    custom = f"gen:{{kind:generation,path:'{files['gen']}',weight:1}}"
+    overrides = [o for o in TINY if not o.startswith(("data", "model", "logger"))] + [
+        "stage=finetune", f"init_from={init_model}", "data.tasks=null", f"data.custom={{{custom}}}",
+        "data.seq_len=63", "data.batch_size=4", "trainer.max_steps=2", "logger=wandb", "logger.wandb.group=g1",
+        "stage.module.evaluation.per_control=2", "stage.module.evaluation.control_max_new_tokens=6",
+    ]
+    cfg = compose_cfg(overrides, tmp_path, output_dir=tmp_path / "logs" / "finetune" / "runs" / "w")
+    run(cfg)
+    import wandb
+
+    wandb.finish()
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files_dir = runs[0] / "files"
+    tables = list((files_dir / "media" / "table").rglob("*.table.json"))
+    assert any("controls" in str(t) for t in tables), tables
+    controls = json.loads(next(t for t in tables if "controls" in str(t)).read_text())
+    assert controls["columns"] == ["task", "value", "mode", "generation"] and controls["data"]
+    assert list((files_dir / "media" / "html").rglob("*.html")), "the explain report"
+    assert list((files_dir / "media" / "images").rglob("*.png")), "the explain images"
+    # offline, the config, metrics and group live in the run's protobuf log: their keys are in its bytes
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"model/params", b"val/loss", b"train/loss", b"control/gen/adherence_with", b"g1"):
+        assert key in record, key

@@ -89,19 +89,38 @@ class FinetuneModule(L.LightningModule):
     def configure_optimizers(self):
         return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory)
 
+    def _log_explanation(self, dm) -> None:
+        """With a W&B logger: the explain report (HTML, lens and attention images) of one generation
+        under the first control token, attributed against the second (or no control)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        controls = dm.tokenizer.control_tokens
+        if not wandb_loggers or not controls:
+            return
+        from slimpajama.explain import explain, log_to_wandb
+
+        ex = explain(self.model, dm.tokenizer, prompt="", control=controls[0],
+                     alt_control=controls[1] if len(controls) > 1 else "", max_new_tokens=24,
+                     template=dm.prompt_template)
+        for lg in wandb_loggers:
+            log_to_wandb(ex, lg, key="explain")
+
     def extra_metrics(self) -> dict:
         """The end-of-fit evaluation on the test splits (see `slimpajama.evaluate`), rank 0 only."""
         if not self.evaluation.get("enabled", True) or not self.trainer.is_global_zero:
             return {}
         from slimpajama.evaluate import evaluate_tasks, log_sample_tables
 
-        options = {k: v for k, v in self.evaluation.items() if k != "enabled"}
+        options = {k: v for k, v in self.evaluation.items() if k not in ("enabled", "explain")}
         dm = self.trainer.datamodule
         if dm.seq_len + 1 > self.model.config.max_seq_len + 1:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds the max_seq_len {self.model.config.max_seq_len} "
                              f"of {self.init_dir}")
         metrics, samples = evaluate_tasks(self.model, dm.tokenizer, dm.tasks, dm.prompt_template, **options)
         log_sample_tables(self.trainer.loggers, samples)
+        if self.evaluation.get("explain", True):
+            self._log_explanation(dm)
         for lg in self.trainer.loggers:
             lg.log_metrics(metrics, self.trainer.global_step)
         return metrics
