@@ -21,7 +21,7 @@ def test_pipeline_runs_every_stage_and_writes_the_report(corpus_dir, tmp_path):
         "distill": data + steps + ["student.init=teacher_layers"],
         "prune": data + steps + ["prune.method=structured", "prune.sparsity=0.5", "prune.recovery=distill",
                                  "prune.calibration_batches=2", "prune.eval_batches=2", "prune.generation_tokens=4"],
-        "finetune": steps + ["data.tasks={source: 1}", f"data.paths=[{corpus_dir}]", "data.per_source=12",
+        "finetune": steps + ["data.tasks={source: 1, topic: 1, sentiment: 0, translate: 0, dialogue: 0, qa: 0}", f"data.paths=[{corpus_dir}]", "data.per_source=12",
                              "data.passage_words=12", "data.seq_len=64", "data.batch_size=4",
                              "stage.module.evaluation.max_examples=4", "stage.module.evaluation.per_control=2",
                              "stage.module.evaluation.control_max_new_tokens=8"],

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from slimpajama.data.finetune import encode_example, encode_prompt
+from slimpajama.data.finetune import encode_example, encode_prompt, fit_prompt
 from slimpajama.data.tasks import DEFAULT_TEMPLATE, TaskSet, load_task
 from slimpajama.losses import IGNORE_INDEX, lm_loss
 
@@ -195,7 +195,9 @@ def evaluate_classification(model, tokenizer, task: TaskSet, template: str, rows
 
 def evaluate_generation_task(model, tokenizer, task: TaskSet, template: str, rows: list[dict], batch_size: int,
                              kind: str, max_new_tokens: int) -> tuple[dict, list]:
-    prompts = [encode_prompt(tokenizer, template, ex["control"], ex["input"]) for ex in rows]
+    limit = model.config.max_seq_len // 2  # as in training (encode_example): a long input's end goes
+    prompts = [fit_prompt(tokenizer, template, encode_prompt(tokenizer, template, ex["control"], ex["input"]), limit)
+               for ex in rows]
     preds = generate_texts(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens, do_sample=False)
     refs = [ex["output"] for ex in rows]
     if kind == "translation":

@@ -62,6 +62,15 @@ def encode_prompt(tokenizer: SlimPajamaTokenizer, template: str, control: str, t
     return ids + tokenizer.encode_continuation(after, split_special_tokens=False)
 
 
+def fit_prompt(tokenizer: SlimPajamaTokenizer, template: str, prompt: list[int], limit: int) -> list[int]:
+    """At most `limit` ids of an encoded prompt: the input's end goes, the template's tail (what
+    follows {input}) stays, so the model still sees where its output starts."""
+    if len(prompt) <= limit:
+        return prompt
+    tail = tokenizer.encode_continuation(check_template(template)[1], split_special_tokens=False)  # after {input}
+    return prompt[: len(prompt) - len(tail)][: limit - len(tail)] + tail
+
+
 def encode_example(tokenizer: SlimPajamaTokenizer, template: str, ex: dict, max_len: int) -> tuple[list[int], list[int], bool]:
     """(ids, labels, truncated): labels are IGNORE_INDEX on the prompt. At most `max_len` ids: a long
     prompt is cut to half of them (its input's end goes), then the output's end."""
@@ -69,10 +78,7 @@ def encode_example(tokenizer: SlimPajamaTokenizer, template: str, ex: dict, max_
     output = tokenizer.encode_continuation(ex["output"], split_special_tokens=True) + [tokenizer.eos_token_id]
     truncated = len(prompt) + len(output) > max_len
     if truncated:
-        if len(prompt) > max_len // 2:
-            tail = tokenizer.encode_continuation(check_template(template)[1], split_special_tokens=False)  # after {input}
-            keep = max_len // 2 - len(tail)
-            prompt = prompt[: len(prompt) - len(tail)][:keep] + tail
+        prompt = fit_prompt(tokenizer, template, prompt, max_len // 2)
         output = output[: max_len - len(prompt)]
     return prompt + output, [IGNORE_INDEX] * len(prompt) + output, truncated
 
