@@ -103,13 +103,21 @@ class TextStreamer:
         self.tokenizer, self.skip_prompt, self.skip_special_tokens = tokenizer, skip_prompt, skip_special_tokens
         self.prints = on_text is None
         self.on_text = on_text or (lambda text: print(text, end="", flush=True))
+        self._reset()
+
+    def _reset(self) -> None:
         self.ids: list[int] = []
         self.anchor: list[int] = []  # the last prompt token: decoding after it keeps a leading space
+        self.anchor_text = ""  # its decoded text, cut from the front of every decode
         self.printed = ""
         self.prompt_seen = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _text(self) -> str:
+        """Everything generated so far (after the prompt when skip_prompt)."""
+        return self._decode(self.anchor + self.ids)[len(self.anchor_text) :]
 
     def put(self, value: torch.Tensor) -> None:
         ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(value)
@@ -117,9 +125,10 @@ class TextStreamer:
             self.prompt_seen = True
             if self.skip_prompt:
                 self.anchor = ids[-1:]
+                self.anchor_text = self._decode(self.anchor)
                 return
         self.ids += ids
-        text = self._decode(self.anchor + self.ids)[len(self._decode(self.anchor)) :]
+        text = self._text()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
             return
         new, self.printed = text[len(self.printed) :], text
@@ -127,12 +136,12 @@ class TextStreamer:
             self.on_text(new)
 
     def end(self) -> None:
-        text = self._decode(self.anchor + self.ids)[len(self._decode(self.anchor)) :]
+        text = self._text()
         if len(text) > len(self.printed):
             self.on_text(text[len(self.printed) :])
         if self.prints:
             print(flush=True)
-        self.ids, self.anchor, self.printed, self.prompt_seen = [], [], "", False
+        self._reset()
 
 
 class TextIteratorStreamer(TextStreamer):

@@ -246,12 +246,13 @@ class Transformer(nn.Module):
         B, T = idx.shape
         mask, start = None, None
         if input_pos is not None:
-            if self.layers[0].self_attn.kv_cache is None:
+            cache = self.layers[0].self_attn.kv_cache
+            if cache is None:
                 raise ValueError("input_pos needs the KV cache: call setup_kv_cache first")
             start = int(input_pos[0])
             end = start + T
-            if end > self.layers[0].self_attn.kv_cache.k.size(2):
-                raise ValueError(f"cache slots up to {end} exceed the KV cache's {self.layers[0].self_attn.kv_cache.k.size(2)}")
+            if end > cache.k.size(2):
+                raise ValueError(f"cache slots up to {end} exceed the KV cache's {cache.k.size(2)}")
             if attention_mask is not None or (T > 1 and start > 0):
                 slots = torch.arange(end, device=idx.device)
                 mask = (slots[None, :] <= slots[start:, None])[None, None]  # (1, 1, T, end): causal over the cache
