@@ -1,18 +1,21 @@
 # The two commands of the README:
-#   make demo   set up, build the demo corpus, pretrain `micro` on it, print val perplexity + a sample
+#   make demo   set up, then the whole pipeline on the demo corpus (pretrain -> distill -> prune ->
+#               finetune -> evaluate -> generate) and its report
 #   make test   set up, run every test (slow ones included)
 PY := .venv/bin/python
 
-.PHONY: setup demo pipeline report test test-fast bench clean-cache
+.PHONY: setup demo pipeline pretrain report test test-fast bench clean-cache
 
 setup:
 	bash scripts/setup.sh
 
-demo: setup
-	$(PY) train.py stage=pretrain model=micro data=demo
+demo: pipeline
 
 pipeline: setup   # pretrain -> distill -> prune -> finetune -> report, on the demo corpus
 	$(PY) train.py experiment=pipeline_demo
+
+pretrain: setup   # the pretrain stage alone: `micro` on the demo corpus, 800 steps
+	$(PY) train.py stage=pretrain model=micro data=demo
 
 report: setup     # the report of the newest finished run of every stage
 	$(PY) -m slimpajama.report

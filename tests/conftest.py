@@ -129,3 +129,35 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(corpus_dir) -> list[str]:
     return TINY + [f"data.paths=[{corpus_dir}]"]
+
+
+def wandb_log_payload(path: Path) -> bytes:
+    """The records of a .wandb file joined: a 7-byte file header, then LevelDB-style log blocks of
+    32 KiB whose records (7-byte header: crc, length, type) may be split across blocks."""
+    data, block = path.read_bytes(), 32768
+    pos, out = 7, bytearray()
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        if length == 0 and data[pos + 6] == 0:
+            pos += left
+            continue
+        out += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+    return bytes(out)
+
+
+def wandb_offline_record(run_dir: Path, keys: tuple[bytes, ...], wait_s: int = 30) -> bytes:
+    """An offline W&B run's protobuf log once every key is in it (W&B's service process writes it
+    asynchronously: give it a moment to flush)."""
+    import time
+
+    for _ in range(wait_s):
+        record = b"".join(wandb_log_payload(p) for p in run_dir.glob("run-*.wandb"))
+        if all(k in record for k in keys):
+            break
+        time.sleep(1)
+    return record

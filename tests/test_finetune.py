@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONTROL, TINY, compose_cfg, english
+from conftest import CONTROL, TINY, compose_cfg, english, wandb_offline_record
 from slimpajama import SlimPajamaModel, SlimPajamaTokenizer
 from slimpajama.data import tasks as T
 from slimpajama.data.finetune import collate, encode_example, encode_prompt
@@ -381,35 +381,9 @@ def test_offline_wandb_run_holds_metrics_samples_table_and_explain_report(init_m
     assert list((files_dir / "media" / "html").rglob("*.html")), "the explain report"
     assert list((files_dir / "media" / "images").rglob("*.png")), "the explain images"
     # offline, the config, metrics and group live in the run's protobuf log: their keys are in its bytes
-    # (written by W&B's service process: give it a moment to flush)
-    import time
-
     keys = (b"model/params", b"val/loss", b"train/loss", b"control/gen/adherence_with", b"g1")
-    for _ in range(30):
-        record = b"".join(_wandb_log_payload(p) for p in runs[0].glob("run-*.wandb"))
-        if all(k in record for k in keys):
-            break
-        time.sleep(1)
+    record = wandb_offline_record(runs[0], keys)
     assert [k for k in keys if k not in record] == []
-
-
-def _wandb_log_payload(path: Path) -> bytes:
-    """The records of a .wandb file joined: a 7-byte file header, then LevelDB-style log blocks of
-    32 KiB whose records (7-byte header: crc, length, type) may be split across blocks."""
-    data, block = path.read_bytes(), 32768
-    pos, out = 7, bytearray()
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
-        if length == 0 and data[pos + 6] == 0:
-            pos += left
-            continue
-        out += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-    return bytes(out)
 
 
 def test_a_long_prompt_is_cut_to_fit_keeping_the_templates_tail(tok):

@@ -8,7 +8,33 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, compose_cfg, wandb_offline_record
+
+PIPELINES = sorted(f.stem for f in (ROOT / "conf" / "experiment").glob("*.yaml") if "pipeline:" in f.read_text())
+
+
+@pytest.mark.parametrize("experiment", PIPELINES)
+def test_every_stage_command_of_a_pipeline_experiment_composes(experiment, tmp_path):
+    """The commands the pipeline would run (its loggers, common and stage overrides, the user's
+    command-line overrides last) compose into the stage configs they mean."""
+    from slimpajama.lifecycle import stage_command, user_overrides
+
+    cfg = compose_cfg([f"experiment={experiment}"], tmp_path)
+    assert set(cfg.logger) == {"wandb", "csv"}
+    extra = user_overrides(["experiment=x", "hydra.verbose=true", "seed=3", "sample.top_k=7", "logger=csv",
+                            "+trainer.foo=1", "pipeline.common=[]"])
+    assert extra == ["sample.top_k=7", "+trainer.foo=1"]
+    sizes = {}
+    for stage, overrides in cfg.pipeline.stages.items():
+        cmd = stage_command(cfg, stage, overrides, tmp_path / "run", "g", ["sample.top_k=7"])
+        assert cmd[2:4] == [f"stage={stage}", "logger=[wandb,csv]"]
+        assert cmd[-2:] == [f"hydra.run.dir={tmp_path / 'run' / stage}", "logger.wandb.group=g"]
+        stage_cfg = compose_cfg([o for o in cmd[2:] if not o.startswith(("hydra.", "paths."))], tmp_path)
+        assert stage_cfg.stage.name == stage and stage_cfg.sample.top_k == 7 and set(stage_cfg.logger) == {"wandb", "csv"}
+        assert stage_cfg.logger.wandb.group == "g"
+        sizes[stage] = (stage_cfg.model.n_layer, stage_cfg.model.d_model)
+    if "gpu" in experiment:
+        assert sizes["pretrain"][1] > 256 and stage_cfg.trainer.accelerator == "gpu"
 
 
 @pytest.mark.slow
@@ -35,9 +61,11 @@ def test_pipeline_runs_every_stage_and_writes_the_report(corpus_dir, tmp_path):
     (tmp_path / "conf" / "experiment" / "pipeline_tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(experiment, sort_keys=False))
     run_dir = tmp_path / "pipeline-run"
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config-dir={tmp_path / 'conf'}", "experiment=pipeline_tiny",
-           "logger=csv", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}",
-           f"hydra.run.dir={run_dir}"]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled"}
+           f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
+           "sample.top_k=7"]  # a pipeline-level override: every stage gets it
+    # the experiment's loggers (W&B offline + CSV) reach every stage
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path / "wandb"),
+           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -57,3 +85,12 @@ def test_pipeline_runs_every_stage_and_writes_the_report(corpus_dir, tmp_path):
     assert "teacher: null" in distill_cfg
     pipeline = json.loads((run_dir / "pipeline.json").read_text())
     assert set(pipeline["runs"]) == {"pretrain", "distill", "prune", "finetune"}
+    # every stage: one offline W&B run in the pipeline's group, the CSV metrics, the pipeline's override
+    for stage in pipeline["runs"]:
+        overrides = (run_dir / stage / ".hydra" / "overrides.yaml").read_text()
+        assert "logger=[wandb,csv]" in overrides and "sample.top_k=7" in overrides, overrides
+        assert (run_dir / stage / "csv" / "metrics.csv").is_file()
+        (wandb_run,) = (run_dir / stage / "wandb").glob("offline-run-*")
+        record = wandb_offline_record(wandb_run, (pipeline["wandb_group"].encode(), b"val/loss"))
+        assert pipeline["wandb_group"].encode() in record and b"val/loss" in record, stage
+    assert "## Control adherence per value (source)" in report

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import compose_cfg, wandb_offline_record
 from slimpajama import SlimPajamaModel, SlimPajamaTokenizer
 from slimpajama.pipeline import run
 
@@ -97,16 +97,23 @@ def test_ckpt_path_last_without_a_previous_run_is_a_clear_error(tiny_overrides, 
         train(tiny_overrides + ["ckpt_path=last"], tmp_path)
 
 
-def test_wandb_offline_run_writes_a_local_run_folder(tiny_overrides, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
-    overrides = [o for o in tiny_overrides if o != "logger=csv"] + ["logger=wandb", "trainer.max_steps=2"]
+def test_wandb_offline_run_holds_the_metrics_and_the_model_artifact(tiny_overrides, tmp_path, monkeypatch):
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_DATA_DIR", "wandb-data")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    overrides = [o for o in tiny_overrides if o != "logger=csv"] + ["logger=wandb", "trainer.max_steps=2",
+                                                                   "model_artifact=true"]
     _, _, out = train(overrides, tmp_path)
     import wandb
 
     wandb.finish()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    # the artifact (name, type, its files) is recorded in the run's log, its files staged for `wandb sync`
+    keys = (b"val/loss", b"model/params", b"pretrain-model", b"model.safetensors", b"config.json", b"tokenizer.model")
+    record = wandb_offline_record(runs[0], keys)
+    assert [k for k in keys if k not in record] == []
+    staged = {p.stat().st_size for p in (tmp_path / "wandb-data").rglob("*") if p.is_file()}
+    assert (out / "model" / "model.safetensors").stat().st_size in staged
 
 
 @pytest.mark.slow

@@ -214,7 +214,10 @@ def evaluate_control(
     model, tokenizer, task: TaskSet, template: str, per_control: int, max_new_tokens: int, guidance_scale: float,
     temperature: float, top_k: int, seed: int, batch_size: int,
 ) -> tuple[dict, list]:
-    """Adherence of sampled generations to each control value, by an independent classifier."""
+    """Adherence of sampled generations to each control value, by an independent classifier.
+
+    Keys: `adherence_<mode>` over every value and `<value>/adherence_<mode>` per value, for the modes
+    with (the control given), without (no control), wrong (the next value's control), guided."""
     label_of = {}
     for rows in task.splits.values():
         for ex in rows:
@@ -260,7 +263,9 @@ def evaluate_control(
         hits = []
         for control, gens in by_control.items():
             preds = classifier.predict(gens)
-            hits += [p == label_of[control] for p in preds]
+            value_hits = [p == label_of[control] for p in preds]
+            out[f"{label_of[control]}/adherence_{mode}"] = float(np.mean(value_hits))  # per control value
+            hits += value_hits
             if mode == "wrong":  # how often the generation follows the wrong control it was given
                 wrong = controls[(controls.index(control) + 1) % len(controls)]
                 out.setdefault("_follows_wrong", []).extend(p == label_of[wrong] for p in preds)
@@ -273,45 +278,58 @@ def evaluate_control(
 def evaluate_tasks(
     model, tokenizer, tasks: dict[str, TaskSet], template: str = DEFAULT_TEMPLATE, max_examples: int = 200,
     max_new_tokens: int = 32, per_control: int = 24, control_max_new_tokens: int = 48, guidance_scale: float = 2.0,
-    temperature: float = 0.8, top_k: int = 50, seed: int = 0, batch_size: int = 16,
+    temperature: float = 0.8, top_k: int = 50, seed: int = 0, batch_size: int = 16, progress: bool = True,
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Metrics of `model` on each task's test split (at most `max_examples` each) and sample rows
     per table (`controls`: task, value, mode, text; `outputs`: task, control, input, prediction, reference)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     was_training = model.training
     model.eval()
     max_len = model.config.max_seq_len
     metrics, samples = {}, {"controls": [], "outputs": []}
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   disable=not progress)
     try:
-        for name, task in tasks.items():
-            test = task.splits.get("test") or []
-            rows = random.Random(seed).sample(test, min(max_examples, len(test)))  # not the file's order
-            if not rows:
-                log.warning("task %s has no test examples: not evaluated", name)
-                continue
-            if task.kind == "classification":
-                out = evaluate_classification(model, tokenizer, task, template, rows, max_len)
-            elif task.kind in ("translation", "qa"):
-                out, rows_out = evaluate_generation_task(model, tokenizer, task, template, rows, batch_size, task.kind,
-                                                         max_new_tokens)
+        with bar:
+            for name, task in bar.track(tasks.items(), total=len(tasks), description="evaluating the tasks"):
+                test = task.splits.get("test") or []
+                rows = random.Random(seed).sample(test, min(max_examples, len(test)))  # not the file's order
+                if not rows:
+                    log.warning("task %s has no test examples: not evaluated", name)
+                    continue
+                if task.kind == "generation":  # control adherence
+                    out, rows_out = evaluate_control(model, tokenizer, task, template, per_control,
+                                                     control_max_new_tokens, guidance_scale, temperature, top_k, seed,
+                                                     batch_size)
+                    samples["controls"] += rows_out
+                    metrics.update({f"control/{name}/{k}": v for k, v in out.items()})
+                    continue
+                out, rows_out = _evaluate_task(model, tokenizer, task, template, rows, max_len, batch_size,
+                                               max_new_tokens)
                 samples["outputs"] += rows_out
-            elif task.kind == "dialogue":
-                items = [encode_example(tokenizer, template, ex, max_len)[:2] for ex in rows]
-                total, count = output_losses(model, items, tokenizer.pad_token_id, batch_size)
-                out = {"loss": total / count, "ppl": math.exp(total / count)}
-            else:  # generation: control adherence
-                out, rows_out = evaluate_control(model, tokenizer, task, template, per_control, control_max_new_tokens,
-                                                 guidance_scale, temperature, top_k, seed, batch_size)
-                samples["controls"] += rows_out
-                metrics.update({f"control/{name}/{k}": v for k, v in out.items()})
-                continue
-            metrics.update({f"test/{name}/{k}": float(v) for k, v in out.items()})
-            log.info("test/%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+                metrics.update({f"test/{name}/{k}": float(v) for k, v in out.items()})
+                log.info("test/%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     finally:
         model.train(was_training)
     for k, v in metrics.items():
         if k.startswith("control/"):
             log.info("%s = %.4g", k, v)
     return metrics, samples
+
+
+def _evaluate_task(model, tokenizer, task: TaskSet, template: str, rows: list[dict], max_len: int, batch_size: int,
+                   max_new_tokens: int) -> tuple[dict, list]:
+    """The metrics of one labelled task (classification, translation, qa, dialogue) and its sample rows."""
+    if task.kind == "classification":
+        return evaluate_classification(model, tokenizer, task, template, rows, max_len), []
+    if task.kind in ("translation", "qa"):
+        return evaluate_generation_task(model, tokenizer, task, template, rows, batch_size, task.kind, max_new_tokens)
+    if task.kind == "dialogue":
+        items = [encode_example(tokenizer, template, ex, max_len)[:2] for ex in rows]
+        total, count = output_losses(model, items, tokenizer.pad_token_id, batch_size)
+        return {"loss": total / count, "ppl": math.exp(total / count)}, []
+    raise ValueError(f"task {task.name!r}: unknown kind {task.kind!r}")
 
 
 TABLE_COLUMNS = {"controls": ["task", "value", "mode", "generation"],

@@ -26,12 +26,30 @@ from slimpajama.registry import PIPELINE
 log = logging.getLogger(__name__)
 
 
-def stage_command(cfg: DictConfig, stage: str, overrides: list, out: Path, logger_choice: str, group: str) -> list:
-    cmd = [sys.executable, str(Path(cfg.paths.root_dir) / "train.py"), f"stage={stage}",
-           f"logger={logger_choice}", *map(str, cfg.pipeline.get("common") or []), *map(str, overrides or []),
+# command-line overrides of the pipeline run that are not for its stages: the stages get their own
+# hydra.run.dir, paths and seed are forwarded explicitly, the logger selection by `logger_choice`
+_NOT_FORWARDED = ("experiment=", "hydra.", "pipeline.", "logger=", "paths.log_dir=", "paths.data_dir=", "seed=")
+
+
+def logger_choice(cfg: DictConfig) -> str:
+    """The `logger=` override that selects this run's loggers in a stage: `logger=[wandb,csv]` keeps a
+    list (Hydra's runtime choices drop lists), `logger=none` when there is none."""
+    names = [k for k, v in (cfg.get("logger") or {}).items() if isinstance(v, DictConfig) and "_target_" in v]
+    return f"logger=[{','.join(names)}]" if names else "logger=none"
+
+
+def user_overrides(task_overrides) -> list:
+    """The pipeline's own command-line overrides that every stage also gets (e.g. `trainer=gpu`,
+    `logger.wandb.mode=online`), after the experiment's: the command line wins."""
+    return [o for o in map(str, task_overrides) if not o.lstrip("+~").startswith(_NOT_FORWARDED)]
+
+
+def stage_command(cfg: DictConfig, stage: str, overrides: list, out: Path, group: str, extra: list = ()) -> list:
+    cmd = [sys.executable, str(Path(cfg.paths.root_dir) / "train.py"), f"stage={stage}", logger_choice(cfg),
+           *map(str, cfg.pipeline.get("common") or []), *map(str, overrides or []), *extra,
            f"paths.log_dir={cfg.paths.log_dir}", f"paths.data_dir={cfg.paths.data_dir}", f"seed={cfg.seed}",
            f"hydra.run.dir={out / stage}"]
-    if "wandb" in logger_choice:
+    if "wandb" in (cfg.get("logger") or {}):
         cmd.append(f"logger.wandb.group={group}")
     return cmd
 
@@ -42,7 +60,7 @@ def run_lifecycle(cfg: DictConfig) -> dict:
     from slimpajama.report import write_report
 
     out = Path(cfg.paths.output_dir)
-    choice = HydraConfig.get().runtime.choices.get("logger", "wandb")
+    extra = user_overrides(HydraConfig.get().overrides.task)
     group = f"pipeline-{out.name}"
     stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True)
     unknown = sorted(set(stages) - set(PIPELINE))
@@ -51,7 +69,7 @@ def run_lifecycle(cfg: DictConfig) -> dict:
     runs, timings = {}, {}
     for stage in [s for s in PIPELINE if s in stages]:  # always in the pipeline's order
         overrides = stages[stage]
-        cmd = stage_command(cfg, stage, overrides, out, choice, group)
+        cmd = stage_command(cfg, stage, overrides, out, group, extra)
         log.info("pipeline: %s\n  %s", stage, " ".join(cmd))
         start = time.perf_counter()
         result = subprocess.run(cmd, env={**os.environ, "SLIMPAJAMA_ROOT": str(cfg.paths.root_dir)})

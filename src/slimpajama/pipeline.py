@@ -65,8 +65,23 @@ def _continue_logger_runs(cfg: DictConfig, ckpt_path: str) -> None:
         log.info("continuing W&B run %s", run_id)
 
 
+def log_model_artifact(loggers, model_dir: Path, name: str, metrics: dict) -> None:
+    """The saved model folder as a W&B `model` artifact (version per run, alias `latest`) on every W&B
+    logger; offline runs keep it in the run folder until `wandb sync`."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            artifact = wandb.Artifact(name, type="model", metadata={k: v for k, v in metrics.items() if "/" in k})
+            artifact.add_dir(str(model_dir))
+            lg.experiment.log_artifact(artifact, aliases=["latest"])
+            log.info("logged %s as the W&B model artifact %r", model_dir, name)
+
+
 @rank_zero_only
-def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: dict, model=None) -> None:
+def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: dict, model=None, loggers=()) -> None:
     out = Path(cfg.paths.output_dir)
     model_dir = out / "model"
     model = module.model if model is None else model  # an FSDP run passes the unsharded copy
@@ -85,6 +100,8 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     tmp.symlink_to(os.path.relpath(out, link.parent))
     os.replace(tmp, link)  # atomic: the link always points at a finished run
     log.info("saved the model to %s (%s -> %s)", model_dir, link, out)
+    if cfg.get("model_artifact"):
+        log_model_artifact(loggers, model_dir, f"{cfg.task_name}-model", metrics)
 
     if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
         ids = tokenizer.encode(cfg.sample.prompt, return_tensors="pt").to(next(model.parameters()).device)
@@ -143,5 +160,5 @@ def run(cfg: DictConfig) -> Optional[float]:
         )
     if cfg.get("save_model", True):
         model = full_model(trainer, module)  # FSDP: gathered onto rank 0 (every rank takes part)
-        _publish(cfg, module, datamodule, metrics, model)
+        _publish(cfg, module, datamodule, metrics, model, trainer.loggers)
     return metrics.get(cfg.get("optimized_metric", "val/loss"))

@@ -7,7 +7,8 @@ Per model: parameters, file size, validation perplexity (on the stage's own vali
 corpus for pretrain/distill/prune, the task sets for finetune), greedy generation tokens/s (measured
 here, batch 1, the same prompt for every model), task metrics and control adherence (fine-tuned).
 Writes `report.md` beside PNG plots: the loss curves of every stage (from the CSV logger), size vs
-perplexity, sparsity vs perplexity when a prune sweep exists, control adherence per mode; and prints
+perplexity, sparsity vs perplexity when a prune sweep exists, control adherence per control value;
+and prints
 the same summary table.
 """
 
@@ -157,22 +158,39 @@ def plot_size_vs_ppl(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
-def plot_adherence(row: dict, path: Path) -> Optional[Path]:
-    values = {k.rsplit("/", 1)[0].removeprefix("control/") + " " + k.rsplit("_", 1)[1]: v
-              for k, v in row["control"].items() if "/adherence_" in k}
-    if not values:
+def adherence_by_value(control: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {value: {mode: share}}} from the `control/<task>/<value>/adherence_<mode>` metrics."""
+    out: dict = {}
+    for k, v in control.items():
+        parts = k.split("/")
+        if len(parts) == 4 and parts[3].startswith("adherence_"):
+            out.setdefault(parts[1], {}).setdefault(parts[2], {})[parts[3].removeprefix("adherence_")] = v
+    return out
+
+
+def plot_adherence(row: dict, path: Path, modes: tuple = ("with", "without", "wrong")) -> Optional[Path]:
+    """Per control value: the share of generations assigned to it with its control, without one, and
+    with the wrong one; chance as a line. One panel per controlled task."""
+    by_task = adherence_by_value(row["control"])
+    if not by_task:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.bar(list(values), list(values.values()), color="#4c72b0")
-    chance = [v for k, v in row["control"].items() if k.endswith("/chance")]
-    if chance:
-        ax.axhline(chance[0], color="gray", linestyle="--", label="chance")
-        ax.legend()
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share assigned to the requested value")
-    ax.set_title("control adherence")
-    ax.tick_params(axis="x", rotation=20)
+    fig, axes = plt.subplots(1, len(by_task), figsize=(1.3 * sum(len(v) for v in by_task.values()) + 2.5, 3.6),
+                             squeeze=False)
+    width = 0.8 / len(modes)
+    for ax, (task, values) in zip(axes[0], by_task.items()):
+        names = sorted(values)
+        for j, mode in enumerate(modes):
+            ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(names))],
+                   [values[n].get(mode, 0.0) for n in names], width, label=f"{mode} control")
+        chance = row["control"].get(f"control/{task}/chance")
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share assigned to the value")
+        ax.set_title(f"control adherence per value ({task})")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -205,7 +223,7 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         tasks = ", ".join(f"{k.removeprefix('test/')} {v:.3g}" for k, v in r["tasks"].items()
                           if k.rsplit("/", 1)[-1] in ("accuracy", "f1", "bleu", "chrf", "exact_match", "ppl"))
-        with_ = {k: v for k, v in r["control"].items() if k.endswith("/adherence_with")}
+        with_ = {k: v for k, v in r["control"].items() if k.endswith("/adherence_with") and k.count("/") == 2}
         adher = ", ".join(
             f"{k.split('/')[1]} {v:.0%} / {r['control'].get(k.replace('_with', '_without'), float('nan')):.0%}"
             for k, v in with_.items())
@@ -237,6 +255,11 @@ def write_report(runs: dict[str, Path], out: Path, log_dir: Optional[Path] = Non
     for title, p in plots.items():
         if p is not None:
             md += [f"## {title}", "", f"![{title}]({Path(p).name})", ""]
+    for task, values in adherence_by_value(rows[-1]["control"] if "finetune" in runs else {}).items():
+        md += [f"## Control adherence per value ({task})", "",
+               "| value | with its control | without a control | with the wrong control |", "|---|---|---|---|"]
+        md += [f"| {v} | {m.get('with', 0):.0%} | {m.get('without', 0):.0%} | {m.get('wrong', 0):.0%} |"
+               for v, m in sorted(values.items())] + [""]
     if samples:
         md += ["## Generations per control value", ""]
         for control, texts in samples.items():
