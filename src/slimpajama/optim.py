@@ -6,10 +6,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay only on >= 2-D weights (matmuls, embeddings), not on norms or biases."""
+def param_groups(model: torch.nn.Module, weight_decay: float, never_decay: tuple = ()) -> list[dict]:
+    """Weight decay only on >= 2-D weights (matmuls, embeddings), not on norms, biases or `never_decay`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    seen, decay, no_decay = set(), [], []
+    seen, decay, no_decay = {id(p) for p in never_decay}, [], [p for p in never_decay if p.requires_grad]
     for p in params:
         if id(p) in seen:  # tied weights appear once
             continue
@@ -33,11 +33,11 @@ def warmup_cosine(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return LambdaLR(optimizer, factor)
 
 
-def lightning_optimizers(model: torch.nn.Module, optimizer_factory, scheduler_factory=None):
+def lightning_optimizers(model: torch.nn.Module, optimizer_factory, scheduler_factory=None, never_decay: tuple = ()):
     """What a stage's `configure_optimizers` returns: the optimizer partial from config completed with
     `param_groups(model)` (its own weight_decay), and the scheduler partial stepped every optimizer step."""
     weight_decay = getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-    optimizer = optimizer_factory(params=param_groups(model, weight_decay=weight_decay))
+    optimizer = optimizer_factory(params=param_groups(model, weight_decay=weight_decay, never_decay=never_decay))
     if scheduler_factory is None:
         return optimizer
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"}}

@@ -6,6 +6,10 @@ layers grow to the data module's tokenizer, which carries the tasks' control tok
 at the mean embedding; old rows are unchanged). The labels are -100 on the prompt, so
 `linear_cross_entropy` averages over output tokens only.
 
+With `lora` enabled the model is frozen and trains through low-rank adapters on its projections
+(`slimpajama.lora`) plus the control tokens' embedding and head rows; the adapters are merged into
+the weights when fitting ends, so what is evaluated and saved is an ordinary dense model.
+
 After fitting, `extra_metrics` evaluates the final model on every task's test split
 (`slimpajama.evaluate`) — the pipeline writes the result into metrics.json — and the prompt
 template is saved into generation_config.json so `slimpajama-generate` builds prompts as training did.
@@ -19,6 +23,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from slimpajama.data.finetune import resolve_init
+from slimpajama.lora import apply_lora, merge_lora, row_trainable_weights
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.optim import lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
@@ -34,10 +39,12 @@ class FinetuneModule(L.LightningModule):
         init_from: Optional[str] = None,
         log_dir: Optional[str] = None,
         evaluation: Optional[dict] = None,
+        lora: Optional[dict] = None,
     ):
         """init_from: a model folder or registered name (null: the newest finished model);
         evaluation: keyword arguments of `slimpajama.evaluate.evaluate_tasks` for the end-of-fit
-        evaluation (null or {enabled: false} skips it)."""
+        evaluation (null or {enabled: false} skips it); lora: {enabled, rank, alpha, dropout,
+        targets} (`slimpajama.lora.apply_lora`), null or enabled false: full fine-tuning."""
         super().__init__()
         self.init_dir = resolve_init(init_from, log_dir)
         self.save_hyperparameters({"init_from": str(self.init_dir)})
@@ -45,6 +52,9 @@ class FinetuneModule(L.LightningModule):
         self.model = SlimPajamaModel.from_pretrained(self.init_dir).train()
         log.info("fine-tuning %s", self.init_dir)
         self.evaluation = dict(evaluation or {})
+        self.lora = {k: v for k, v in (lora or {}).items() if k != "enabled"} if (lora or {}).get("enabled") else None
+        self._lora_state = "off" if self.lora is None else "pending"  # pending -> training -> merged
+        self.trainable_params = None
         self.val_loss = MeanMetric()
         self.generation_config: dict = {}  # saved into generation_config.json by the pipeline
 
@@ -58,6 +68,24 @@ class FinetuneModule(L.LightningModule):
             log.info("embeddings: %d -> %d rows (new rows = the mean embedding)", self.model.config.vocab_size, new_size)
             self.model.resize_token_embeddings(new_size)
         self.generation_config = {"prompt_template": dm.prompt_template}
+        if self._lora_state == "pending":  # once: a later validate() also calls setup
+            wrapped = apply_lora(self.model, **self.lora, trainable_rows=dm.tokenizer.control_token_ids)
+            self._lora_state = "training"
+            log.info("LoRA (rank %d) on %d projections; the control tokens' embedding/head rows train too",
+                     self.lora.get("rank", 8), len(wrapped))
+        if self.trainable_params is not None:  # counted at the first setup, before any merge
+            return
+        if self._lora_state == "training":  # the adapters, and the embedding/head rows of the control tokens
+            self.trainable_params = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" in n) + len(
+                dm.tokenizer.control_token_ids) * sum(w.size(1) for w in row_trainable_weights(self.model))
+        else:
+            self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("trainable parameters: %.3fM of %.3fM", self.trainable_params / 1e6, self.model.num_params() / 1e6)
+
+    def on_fit_end(self) -> None:
+        if self._lora_state == "training":
+            log.info("merged %d LoRA adapters into the weights", merge_lora(self.model))
+            self._lora_state = "merged"
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         ids, labels = batch["input_ids"], batch["labels"]
@@ -87,7 +115,9 @@ class FinetuneModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self):
-        return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory)
+        # with LoRA the embedding/head train only in their control-token rows: never decay the frozen rest
+        never_decay = row_trainable_weights(self.model) if self._lora_state == "training" else ()
+        return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, never_decay)
 
     def _log_explanation(self, dm) -> None:
         """With a W&B logger: the explain report (HTML, lens and attention images) of one generation
@@ -107,9 +137,11 @@ class FinetuneModule(L.LightningModule):
             log_to_wandb(ex, lg, key="explain")
 
     def extra_metrics(self) -> dict:
-        """The end-of-fit evaluation on the test splits (see `slimpajama.evaluate`), rank 0 only."""
+        """The trainable parameter count and the end-of-fit evaluation on the test splits (see
+        `slimpajama.evaluate`), rank 0 only."""
+        counts = {"model/trainable_params": float(self.trainable_params)} if self.trainable_params else {}
         if not self.evaluation.get("enabled", True) or not self.trainer.is_global_zero:
-            return {}
+            return counts
         from slimpajama.evaluate import evaluate_tasks, log_sample_tables
 
         options = {k: v for k, v in self.evaluation.items() if k not in ("enabled", "explain")}
@@ -123,4 +155,4 @@ class FinetuneModule(L.LightningModule):
             self._log_explanation(dm)
         for lg in self.trainer.loggers:
             lg.log_metrics(metrics, self.trainer.global_step)
-        return metrics
+        return {**counts, **metrics}

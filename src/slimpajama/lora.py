@@ -1,0 +1,104 @@
+"""LoRA (Hu et al., 2021): fine-tune a frozen model through low-rank updates of its projections.
+
+A targeted `nn.Linear` with weight W (out x in) becomes `LoRALinear`: y = x W^T + s * (dropout(x) A^T) B^T
+with A (r x in) drawn like a Linear's weight, B (out x r) zero (so training starts from the model
+itself) and s = alpha / r. Everything else is frozen, except — when `trainable_rows` is given —
+those rows of the input embedding and output head (the control tokens the fine-tune adds; the
+other rows keep a zero gradient). `merge_lora` folds every update into its weight, W + s * B A, and
+puts plain `nn.Linear`s back, so the saved model is an ordinary dense folder.
+
+The model's fused projections (`qkv`, `gate_up`) get one adapter over their fused output: rank r
+is shared by q, k and v (gate and up) rather than given to each.
+"""
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base = base
+        self.rank, self.scaling = rank, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the frozen weight, for code that reads `module.weight`
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        self.base.weight += self.delta().to(self.base.weight.dtype)
+        self.base.weight.requires_grad_(True)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(True)
+        return self.base
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               targets: Iterable[str] = ("qkv", "o_proj", "gate_up", "down_proj"),
+               trainable_rows: Optional[Iterable[int]] = None) -> list[str]:
+    """Freeze `model`, wrap every `nn.Linear` whose attribute name is in `targets`, and return the
+    wrapped module names. `trainable_rows`: token ids whose embedding and output-head rows still train."""
+    targets = set(targets)
+    model.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"lora.targets={sorted(targets)} matched no nn.Linear of the model")
+    rows = sorted(set(trainable_rows or []))
+    model._lora_row_hooks = []
+    if rows:
+        for weight in row_trainable_weights(model):
+            weight.requires_grad_(True)
+            keep = torch.zeros(weight.size(0), 1, dtype=weight.dtype, device=weight.device)
+            keep[rows] = 1
+            model._lora_row_hooks.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
+    return wrapped
+
+
+def row_trainable_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The input embedding and output head weights (once when tied). Their frozen rows get a zero
+    gradient, so they must not be weight-decayed: the optimizer puts them in a no-decay group."""
+    return list({id(w): w for w in (model.embed_tokens.weight, model.lm_head.weight)}.values())
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its weight and restore plain `nn.Linear`s; returns how many."""
+    for hook in getattr(model, "_lora_row_hooks", []):
+        hook.remove()
+    model._lora_row_hooks = []
+    count = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+                count += 1
+    model.requires_grad_(True)
+    return count
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
