@@ -15,6 +15,35 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGN
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
 
+def _fused_head(h, weight, targets, chunk_rows: int, ignore_index: int, logit_grad):
+    """The loop shared by the fused head losses below. For each chunk of rows, `logit_grad(s, hc, tc)`
+    gives the gradient of the chunk's summed loss w.r.t. its logits (c, V) and its per-row loss terms
+    (a tuple of (c,) tensors). Returns the terms averaged over the rows whose target is not
+    `ignore_index`, and the gradients of that average w.r.t. h (N, d) and weight (V, d)."""
+    valid = targets != ignore_index
+    scale = 1.0 / valid.sum().clamp(min=1)
+    safe_targets = targets.clamp(min=0)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros_like(weight)
+    totals = None
+    for s in range(0, h.size(0), chunk_rows):
+        hc, tc, vc = h[s : s + chunk_rows], safe_targets[s : s + chunk_rows], valid[s : s + chunk_rows]
+        g, terms = logit_grad(s, hc, tc)
+        sums = [(t * vc).sum() for t in terms]
+        totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
+        g = g.mul_((vc * scale)[:, None]).to(h.dtype)
+        torch.mm(g, weight, out=grad_h[s : s + chunk_rows])  # (c, d)
+        grad_w.addmm_(g.t(), hc)  # (V, d)
+    return [t * scale for t in totals], grad_h, grad_w
+
+
+def _softmax_minus_onehot_(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d CE / d logits per row, built in z's memory: softmax(z) - onehot(target)."""
+    g = z.sub_(lse[:, None]).exp_()
+    g[torch.arange(len(targets), device=g.device), targets] -= 1.0
+    return g
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Output projection + cross-entropy, a chunk of rows at a time, with the gradients computed in
     the forward pass: the (N, V) logits are never materialised whole, and neither is their gradient.
@@ -24,27 +53,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows: int, ignore_index: int):
         # h (N, d), weight (V, d), targets (N,)
-        valid = targets != ignore_index
-        scale = 1.0 / valid.sum().clamp(min=1)
-        safe_targets = targets.clamp(min=0)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.size(0), chunk_rows):
-            hc, tc, vc = h[s : s + chunk_rows], safe_targets[s : s + chunk_rows], valid[s : s + chunk_rows]
+        def logit_grad(s, hc, tc):
             logits = (hc @ weight.t()).float()  # (c, V)
-            lse = logits.logsumexp(-1)  # (c,)
-            picked = logits.gather(1, tc[:, None]).squeeze(1)
-            total += ((lse - picked) * vc).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot(target)) * valid / n_valid, built in place
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            g.mul_((vc * scale)[:, None])
-            g = g.to(h.dtype)
-            torch.mm(g, weight, out=grad_h[s : s + chunk_rows])  # (c, d)
-            grad_w.addmm_(g.t(), hc)  # (V, d)
+            lse = logits.logsumexp(-1)
+            ce = lse - logits.gather(1, tc[:, None]).squeeze(1)
+            return _softmax_minus_onehot_(logits, lse, tc), (ce,)
+
+        (loss,), grad_h, grad_w = _fused_head(h, weight, targets, chunk_rows, ignore_index, logit_grad)
         ctx.save_for_backward(grad_h, grad_w)
-        return total * scale
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -164,39 +181,25 @@ class _LinearDistill(torch.autograd.Function):
     def forward(ctx, h, weight, teacher_h, teacher_weight, targets, chunk_rows: int, temperature: float,
                 kind: str, kd_ratio: float, ignore_index: int):
         # h (N, d), weight (V, d), teacher_h (N, d_t), teacher_weight (V, d_t), targets (N,)
-        valid = targets != ignore_index
-        scale = 1.0 / valid.sum().clamp(min=1)
-        safe_targets = targets.clamp(min=0)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight)
-        ce_total = torch.zeros((), dtype=torch.float32, device=h.device)
-        kd_total = torch.zeros((), dtype=torch.float32, device=h.device)
+        def logit_grad(s, hc, tc):
+            ce, kd, z, lse, log_q, log_p = _distill_chunk(
+                hc, weight, teacher_h[s : s + chunk_rows], teacher_weight, tc, temperature, kind)
+            q = log_q.exp()
+            if kind == "forward_kl":
+                g_kd = q.sub_(log_p.exp_())
+            elif kind == "reverse_kl":
+                diff = log_q.sub_(log_p)
+                g_kd = diff.sub_((q * diff).sum(-1, keepdim=True)).mul_(q)
+            else:
+                log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
+                diff = log_q.sub_(log_m)
+                g_kd = diff.sub_((q * diff).sum(-1, keepdim=True)).mul_(q).mul_(0.5)
+            g = _softmax_minus_onehot_(z, lse, tc).mul_(1.0 - kd_ratio).add_(g_kd, alpha=kd_ratio * temperature)
+            return g, (ce, kd)
+
         with torch.autocast(h.device.type, enabled=False):  # float32 logits and softmaxes whatever the autocast
-            for s in range(0, h.size(0), chunk_rows):
-                hc, tc, vc = h[s : s + chunk_rows], safe_targets[s : s + chunk_rows], valid[s : s + chunk_rows]
-                ce, kd, z, lse, log_q, log_p = _distill_chunk(
-                    hc, weight, teacher_h[s : s + chunk_rows], teacher_weight, tc, temperature, kind)
-                ce_total += (ce * vc).sum()
-                kd_total += (kd * vc).sum()
-                q = log_q.exp()
-                if kind == "forward_kl":
-                    g_kd = q.sub_(log_p.exp_())
-                elif kind == "reverse_kl":
-                    diff = log_q.sub_(log_p)
-                    g_kd = diff.sub_((q * diff).sum(-1, keepdim=True)).mul_(q)
-                else:
-                    log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
-                    diff = log_q.sub_(log_m)
-                    g_kd = diff.sub_((q * diff).sum(-1, keepdim=True)).mul_(q).mul_(0.5)
-                g = z.sub_(lse[:, None]).exp_()  # softmax(z_s): the CE gradient minus the one-hot
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g.mul_(1.0 - kd_ratio).add_(g_kd, alpha=kd_ratio * temperature)
-                g.mul_((vc * scale)[:, None])
-                g = g.to(h.dtype)
-                torch.mm(g, weight, out=grad_h[s : s + chunk_rows])  # (c, d)
-                grad_w.addmm_(g.t(), hc)  # (V, d)
+            (ce, kd), grad_h, grad_w = _fused_head(h, weight, targets, chunk_rows, ignore_index, logit_grad)
         ctx.save_for_backward(grad_h, grad_w)
-        ce, kd = ce_total * scale, kd_total * scale
         ctx.mark_non_differentiable(ce, kd)
         return (1.0 - kd_ratio) * ce + kd_ratio * kd, ce, kd
 
