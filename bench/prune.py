@@ -72,6 +72,8 @@ def main() -> int:
                    help="prune.structured fractions for part 2")
     p.add_argument("--steps", type=int, default=200, help="recovery (and from-scratch) training steps")
     p.add_argument("--lr", type=float, default=1e-3, help="recovery learning rate")
+    p.add_argument("--scratch-steps", default=None, help="comma-separated step budgets of the same shape trained "
+                   "from scratch (default: --steps), e.g. 200,1000 for the recovery's and teacher + recovery's tokens")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--parts", default="1,2")
@@ -106,10 +108,12 @@ def main() -> int:
         shape = [f"model.n_layer={small.n_layer}", f"model.n_head={small.n_head}", f"model.n_kv_head={small.n_kv_head}",
                  f"model.d_model={small.d_model}", f"model.intermediate_size={small.intermediate_size}",
                  f"+model.head_dim={small.head_dim}"]
-        scratch = train(args, "scratch-same-shape", ["stage=pretrain", *shape, f"trainer.max_steps={args.steps}",
-                                                     f"trainer.val_check_interval={args.steps}",
-                                                     f"trainer.limit_val_batches={args.eval_batches}"],
-                        log_dir / "prune-bench-scratch")  # its own log_dir: latest/pretrain stays the teacher
+        scratch = {}  # the same shape pretrained from scratch, for each budget of --scratch-steps
+        for n in [int(x) for x in (args.scratch_steps or str(args.steps)).split(",")]:
+            scratch[n] = train(args, f"scratch-same-shape-{n}", [
+                "stage=pretrain", *shape, f"trainer.max_steps={n}", f"trainer.val_check_interval={n}",
+                f"trainer.limit_val_batches={args.eval_batches}"],
+                log_dir / "prune-bench-scratch")  # its own log_dir: latest/pretrain stays the teacher
         result["runs"]["scratch"] = scratch
         # the same prompt for every model: the first 16 tokens of the teacher's tokenizer on a fixed text
         from slimpajama import SlimPajamaTokenizer
@@ -128,8 +132,8 @@ def main() -> int:
               f"{s['prune/ppl_pruned']:.2f} | |")
         print(f"| structured + {args.steps} distill steps | {s['model/params'] / 1e6:.2f}M | "
               f"{sizes['structured'] / 1e6:.1f} | {s['val/ppl']:.2f} | {tps['structured']:.0f} |")
-        print(f"| same shape from scratch, {args.steps} steps | {scratch['model/params'] / 1e6:.2f}M | | "
-              f"{scratch['val/ppl']:.2f} | |")
+        for n, m in scratch.items():
+            print(f"| same shape from scratch, {n} steps | {m['model/params'] / 1e6:.2f}M | | {m['val/ppl']:.2f} | |")
         print(f"\nfile ratio {sizes['structured'] / sizes['dense']:.3f} (target <= 0.55), speed-up "
               f"{tps['structured'] / tps['dense']:.2f}x (target >= 1.6), ppl ratio "
               f"{s['val/ppl'] / s['prune/ppl_dense']:.3f} (target <= 1.15)")

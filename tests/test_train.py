@@ -152,3 +152,32 @@ def test_command_line_multirun_and_run_dir_override(corpus_dir, tmp_path):
                    check=True, env=env, capture_output=True, timeout=600)
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "pretrain.log").is_file()
     assert "final validation" in (run_dir / "pretrain.log").read_text()
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reports_the_best_val_loss(corpus_dir, tmp_path):
+    """hparams_search=pretrain_optuna: each trial is a run whose returned val/loss Optuna minimises."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT, TINY
+
+    common = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+        f"data.paths=[{corpus_dir}]", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}",
+        "trainer.max_steps=2", "sample.max_new_tokens=0", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=pretrain_optuna", *common],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "multiruns" / "pretrain").glob("*")
+    trials = sorted(sweep.glob("[0-9]"))
+    assert [t.name for t in trials] == ["0", "1", "2"]
+    losses = [json.loads((t / "metrics.json").read_text())["val/loss"] for t in trials]
+    lrs = {yaml.safe_load((t / ".hydra" / "config.yaml").read_text())["stage"]["module"]["optimizer"]["lr"]
+           for t in trials}
+    assert len(lrs) == 3 and all(3e-4 <= lr <= 1e-2 for lr in lrs)  # sampled, not the default 3e-3
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(losses), rel=1e-6)

@@ -13,6 +13,7 @@ the same summary table.
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -54,14 +55,19 @@ def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repe
     return new_tokens / best
 
 
-def model_row(stage: str, run: Path, prompt: str, new_tokens: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def load(folder: Path):
+    """(model, tokenizer) of a saved folder, loaded once per report."""
     from slimpajama.pretrained import SlimPajamaModel
     from slimpajama.tokenizer import SlimPajamaTokenizer
 
+    return SlimPajamaModel.from_pretrained(folder), SlimPajamaTokenizer.from_pretrained(folder)
+
+
+def model_row(stage: str, run: Path, prompt: str, new_tokens: int) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     folder = run / "model"
-    model = SlimPajamaModel.from_pretrained(folder)
-    tokenizer = SlimPajamaTokenizer.from_pretrained(folder)
+    model, tokenizer = load(folder)
     ids = tokenizer.encode(prompt, return_tensors="pt")
     row = {
         "stage": stage, "model": ROLES[stage], "folder": str(folder),
@@ -78,12 +84,7 @@ def model_row(stage: str, run: Path, prompt: str, new_tokens: int) -> dict:
 
 def control_samples(run: Path, per_control: int = 2, max_new_tokens: int = 40, seed: int = 0) -> dict[str, list[str]]:
     """A few sampled generations per control token of a fine-tuned model, from its prompt template."""
-    from slimpajama.pretrained import SlimPajamaModel
-    from slimpajama.tokenizer import SlimPajamaTokenizer
-
-    folder = run / "model"
-    model = SlimPajamaModel.from_pretrained(folder)
-    tokenizer = SlimPajamaTokenizer.from_pretrained(folder)
+    model, tokenizer = load(run / "model")
     template = (model.generation_config or {}).get("prompt_template", "{control}{input}")
     out = {}
     for i, control in enumerate(tokenizer.control_tokens):
@@ -267,6 +268,7 @@ def write_report(runs: dict[str, Path], out: Path, log_dir: Optional[Path] = Non
     (out / "report.md").write_text("\n".join(md))
     record = {"rows": rows, "plots": {k: str(v) for k, v in plots.items() if v}, "samples": samples}
     (out / "report.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    load.cache_clear()
     print(table)
     for control, texts in samples.items():
         print(f"{control}: {texts[0][:120]!r}")
