@@ -181,3 +181,9 @@ def test_optuna_search_runs_trials_and_reports_the_best_val_loss(corpus_dir, tmp
     assert len(lrs) == 3 and all(3e-4 <= lr <= 1e-2 for lr in lrs)  # sampled, not the default 3e-3
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(min(losses), rel=1e-6)
+    # the sweep collector turns the real multirun into its table: one row per trial, the swept keys
+    from slimpajama.sweep import collect, write_table
+
+    _, md = write_table(collect(sweep), sweep)
+    header, _, *rows = md.read_text().splitlines()
+    assert len(rows) == 3 and "stage.module.optimizer.lr" in header and "val/ppl" in header
