@@ -6,10 +6,10 @@
 Per model: parameters, file size, validation perplexity (on the stage's own validation data: the
 corpus for pretrain/distill/prune, the task sets for finetune), greedy generation tokens/s (measured
 here, batch 1, the same prompt for every model), task metrics and control adherence (fine-tuned).
-Writes `report.md` beside PNG plots: the loss curves of every stage (from the CSV logger), size vs
-perplexity, sparsity vs perplexity when a prune sweep exists, control adherence per control value;
-and prints
-the same summary table.
+Writes `report.md` beside PNG plots: the loss curves of every stage (from the CSV logger: the
+training cross-entropy on the labels beside val/loss, and the KD objective where one is trained),
+size vs perplexity, sparsity vs perplexity when a prune sweep exists, control adherence per control
+value; and prints the same summary table.
 """
 
 import argparse
@@ -105,19 +105,29 @@ def _pyplot():
     return plt
 
 
+# the curves of a stage's CSV log: the label cross-entropy in training (the distillation stages log it
+# as distill/ce_loss; their train/loss is the KD objective, on another scale), the objective, val/loss
+CURVES = {"train/ce": ("distill/ce_loss", "train/loss"), "train/objective": ("train/loss",), "val/loss": ("val/loss",)}
+
+
 def read_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """train/loss and val/loss by step from the CSV logger (`<run>/csv/metrics.csv`); {} without it."""
+    """Loss curves by step from the CSV logger (`<run>/csv/metrics.csv`); {} without it. `train/ce`
+    is the cross-entropy on the labels, comparable with `val/loss`; `train/objective` is kept only
+    where it differs (distillation)."""
     import csv
 
     path = run / "csv" / "metrics.csv"
-    curves: dict[str, list] = {}
     if not path.is_file():
-        return curves
+        return {}
     with open(path) as f:
-        for rec in csv.DictReader(f):
-            for key in ("train/loss", "val/loss"):
-                if rec.get(key) not in (None, "") and rec.get("step") not in (None, ""):
-                    curves.setdefault(key, []).append((int(float(rec["step"])), float(rec[key])))
+        records = [r for r in csv.DictReader(f) if r.get("step") not in (None, "")]
+    curves: dict[str, list] = {}
+    for name, sources in CURVES.items():
+        key = next((k for k in sources if any(r.get(k) not in (None, "") for r in records)), None)
+        if key is not None:
+            curves[name] = [(int(float(r["step"])), float(r[key])) for r in records if r.get(key) not in (None, "")]
+    if curves.get("train/objective") == curves.get("train/ce"):  # no distillation: one training curve
+        curves.pop("train/objective", None)
     return curves
 
 
@@ -128,13 +138,16 @@ def plot_losses(runs: dict[str, Path], path: Path) -> Optional[Path]:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    style = {"train/ce": dict(label="train CE (labels)", color="C0"),
+             "val/loss": dict(label="val loss", marker="o", markersize=3, color="C1"),
+             "train/objective": dict(label="train objective (KD)", linestyle=":", linewidth=1, color="C2")}
     for ax, (stage, c) in zip(axes[0], curves.items()):
         for key, pts in c.items():
-            ax.plot(*zip(*pts), label=key, marker="o" if key == "val/loss" else None, markersize=3)
+            ax.plot(*zip(*pts), **style[key])
         ax.set_title(f"{stage} ({ROLES[stage]})")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
