@@ -109,9 +109,14 @@ def test_wandb_offline_run_holds_the_metrics_and_the_model_artifact(tiny_overrid
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
     # the artifact (name, type, its files) is recorded in the run's log, its files staged for `wandb sync`
-    keys = (b"val/loss", b"model/params", b"pretrain-model", b"model.safetensors", b"config.json", b"tokenizer.model")
+    keys = (b"val/loss", b"model/params", b"pretrain-model", b"model.safetensors", b"config.json", b"tokenizer.model",
+            b"samples/generations")
     record = wandb_offline_record(runs[0], keys)
     assert [k for k in keys if k not in record] == []
+    (table,) = (runs[0] / "files" / "media" / "table").rglob("*.table.json")  # the sample generations
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["stage", "prompt", "temperature", "generation"] and len(table["data"]) == 3
+    assert all(row[0] == "pretrain" and row[3] for row in table["data"])
     staged = {p.stat().st_size for p in (tmp_path / "wandb-data").rglob("*") if p.is_file()}
     assert (out / "model" / "model.safetensors").stat().st_size in staged
 

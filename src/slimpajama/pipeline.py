@@ -104,12 +104,25 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
         log_model_artifact(loggers, model_dir, f"{cfg.task_name}-model", metrics)
 
     if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
-        ids = tokenizer.encode(cfg.sample.prompt, return_tensors="pt").to(next(model.parameters()).device)
-        out_ids = model.generate(
-            ids, max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
-            seed=cfg.seed,
-        )
-        log.info("sample (temperature %s): %s", cfg.sample.temperature, tokenizer.decode(out_ids[0], skip_special_tokens=True))
+        _sample(cfg, model, tokenizer, loggers)
+
+
+def _sample(cfg: DictConfig, model, tokenizer, loggers) -> None:
+    """`sample.num_samples` generations from `sample.prompt`: logged, and a W&B table
+    (`samples/generations`) when a logger is W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    s = cfg.sample
+    ids = tokenizer.encode(s.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    out_ids = model.generate(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                             seed=cfg.seed, num_return_sequences=s.get("num_samples", 1))
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out_ids]
+    for text in texts:
+        log.info("sample (temperature %s): %s", s.temperature, text)
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_table(key="samples/generations", columns=["stage", "prompt", "temperature", "generation"],
+                         data=[[cfg.task_name, s.prompt, s.temperature, t] for t in texts])
 
 
 def run(cfg: DictConfig) -> Optional[float]:
