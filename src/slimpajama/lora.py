@@ -47,10 +47,19 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         self.base.weight += self.delta().to(self.base.weight.dtype)
-        self.base.weight.requires_grad_(True)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(True)
         return self.base
+
+
+def _swap_children(model: nn.Module, pick, make) -> list[str]:
+    """Replace every submodule `child` with `pick(attribute name, child)` true by `make(child)`; returns
+    the replaced modules' names."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if pick(child_name, child):
+                setattr(module, child_name, make(child))
+                swapped.append(f"{name}.{child_name}" if name else child_name)
+    return swapped
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -60,12 +69,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     wrapped module names. `trainable_rows`: token ids whose embedding and output-head rows still train."""
     targets = set(targets)
     model.requires_grad_(False)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
-                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    wrapped = _swap_children(model, lambda name, child: name in targets and isinstance(child, nn.Linear),
+                             lambda child: LoRALinear(child, rank, alpha, dropout))
     if not wrapped:
         raise ValueError(f"lora.targets={sorted(targets)} matched no nn.Linear of the model")
     rows = sorted(set(trainable_rows or []))
@@ -90,14 +95,9 @@ def merge_lora(model: nn.Module) -> int:
     for hook in getattr(model, "_lora_row_hooks", []):
         hook.remove()
     model._lora_row_hooks = []
-    count = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, child_name, child.merged())
-                count += 1
+    merged = _swap_children(model, lambda name, child: isinstance(child, LoRALinear), LoRALinear.merged)
     model.requires_grad_(True)
-    return count
+    return len(merged)
 
 
 def has_lora(model: nn.Module) -> bool:

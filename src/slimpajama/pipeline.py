@@ -65,19 +65,23 @@ def _continue_logger_runs(cfg: DictConfig, ckpt_path: str) -> None:
         log.info("continuing W&B run %s", run_id)
 
 
+def wandb_loggers(loggers) -> list:
+    """The W&B loggers among `loggers` (for what only W&B can show: tables, artifacts, HTML)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in loggers or [] if isinstance(lg, WandbLogger)]
+
+
 def log_model_artifact(loggers, model_dir: Path, name: str, metrics: dict) -> None:
     """The saved model folder as a W&B `model` artifact (version per run, alias `latest`) on every W&B
     logger; offline runs keep it in the run folder until `wandb sync`."""
-    from lightning.pytorch.loggers import WandbLogger
+    for lg in wandb_loggers(loggers):
+        import wandb
 
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            import wandb
-
-            artifact = wandb.Artifact(name, type="model", metadata={k: v for k, v in metrics.items() if "/" in k})
-            artifact.add_dir(str(model_dir))
-            lg.experiment.log_artifact(artifact, aliases=["latest"])
-            log.info("logged %s as the W&B model artifact %r", model_dir, name)
+        artifact = wandb.Artifact(name, type="model", metadata={k: v for k, v in metrics.items() if "/" in k})
+        artifact.add_dir(str(model_dir))
+        lg.experiment.log_artifact(artifact, aliases=["latest"])
+        log.info("logged %s as the W&B model artifact %r", model_dir, name)
 
 
 @rank_zero_only
@@ -110,8 +114,6 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
 def _sample(cfg: DictConfig, model, tokenizer, loggers) -> None:
     """`sample.num_samples` generations from `sample.prompt`: logged, and a W&B table
     (`samples/generations`) when a logger is W&B."""
-    from lightning.pytorch.loggers import WandbLogger
-
     s = cfg.sample
     ids = tokenizer.encode(s.prompt, return_tensors="pt").to(next(model.parameters()).device)
     out_ids = model.generate(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -119,10 +121,9 @@ def _sample(cfg: DictConfig, model, tokenizer, loggers) -> None:
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out_ids]
     for text in texts:
         log.info("sample (temperature %s): %s", s.temperature, text)
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.log_table(key="samples/generations", columns=["stage", "prompt", "temperature", "generation"],
-                         data=[[cfg.task_name, s.prompt, s.temperature, t] for t in texts])
+    for lg in wandb_loggers(loggers):
+        lg.log_table(key="samples/generations", columns=["stage", "prompt", "temperature", "generation"],
+                     data=[[cfg.task_name, s.prompt, s.temperature, t] for t in texts])
 
 
 def run(cfg: DictConfig) -> Optional[float]:

@@ -23,7 +23,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from slimpajama.data.finetune import resolve_init
-from slimpajama.lora import apply_lora, merge_lora, row_trainable_weights
+from slimpajama.lora import apply_lora, has_lora, merge_lora, row_trainable_weights
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.optim import lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
@@ -53,14 +53,13 @@ class FinetuneModule(L.LightningModule):
         log.info("fine-tuning %s", self.init_dir)
         self.evaluation = dict(evaluation or {})
         self.lora = {k: v for k, v in (lora or {}).items() if k != "enabled"} if (lora or {}).get("enabled") else None
-        self._lora_state = "off" if self.lora is None else "pending"  # pending -> training -> merged
-        self.trainable_params = None
+        self.trainable_params = None  # counted at the first setup (LoRA applied, nothing merged yet)
         self.val_loss = MeanMetric()
         self.generation_config: dict = {}  # saved into generation_config.json by the pipeline
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        if dm.seq_len + 1 > self.model.config.max_seq_len + 1:
+        if dm.seq_len > self.model.config.max_seq_len:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds the max_seq_len {self.model.config.max_seq_len} "
                              f"of {self.init_dir}")
         new_size = len(dm.tokenizer)
@@ -68,14 +67,13 @@ class FinetuneModule(L.LightningModule):
             log.info("embeddings: %d -> %d rows (new rows = the mean embedding)", self.model.config.vocab_size, new_size)
             self.model.resize_token_embeddings(new_size)
         self.generation_config = {"prompt_template": dm.prompt_template}
-        if self._lora_state == "pending":  # once: a later validate() also calls setup
+        if self.trainable_params is not None:  # a later validate() also calls setup
+            return
+        if self.lora is not None:
             wrapped = apply_lora(self.model, **self.lora, trainable_rows=dm.tokenizer.control_token_ids)
-            self._lora_state = "training"
             log.info("LoRA (rank %d) on %d projections; the control tokens' embedding/head rows train too",
                      self.lora.get("rank", 8), len(wrapped))
-        if self.trainable_params is not None:  # counted at the first setup, before any merge
-            return
-        if self._lora_state == "training":  # the adapters, and the embedding/head rows of the control tokens
+            # the adapters, and the embedding/head rows of the control tokens
             self.trainable_params = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" in n) + len(
                 dm.tokenizer.control_token_ids) * sum(w.size(1) for w in row_trainable_weights(self.model))
         else:
@@ -83,9 +81,8 @@ class FinetuneModule(L.LightningModule):
         log.info("trainable parameters: %.3fM of %.3fM", self.trainable_params / 1e6, self.model.num_params() / 1e6)
 
     def on_fit_end(self) -> None:
-        if self._lora_state == "training":
+        if has_lora(self.model):
             log.info("merged %d LoRA adapters into the weights", merge_lora(self.model))
-            self._lora_state = "merged"
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         ids, labels = batch["input_ids"], batch["labels"]
@@ -116,24 +113,24 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         # with LoRA the embedding/head train only in their control-token rows: never decay the frozen rest
-        never_decay = row_trainable_weights(self.model) if self._lora_state == "training" else ()
+        never_decay = row_trainable_weights(self.model) if has_lora(self.model) else ()
         return lightning_optimizers(self.model, self.optimizer_factory, self.scheduler_factory, never_decay)
 
     def _log_explanation(self, dm) -> None:
         """With a W&B logger: the explain report (HTML, lens and attention images) of one generation
         under the first control token, attributed against the second (or no control)."""
-        from lightning.pytorch.loggers import WandbLogger
+        from slimpajama.pipeline import wandb_loggers
 
-        wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        loggers = wandb_loggers(self.trainer.loggers)
         controls = dm.tokenizer.control_tokens
-        if not wandb_loggers or not controls:
+        if not loggers or not controls:
             return
         from slimpajama.explain import explain, log_to_wandb
 
         ex = explain(self.model, dm.tokenizer, prompt="", control=controls[0],
                      alt_control=controls[1] if len(controls) > 1 else "", max_new_tokens=24,
                      template=dm.prompt_template)
-        for lg in wandb_loggers:
+        for lg in loggers:
             log_to_wandb(ex, lg, key="explain")
 
     def extra_metrics(self) -> dict:
@@ -145,10 +142,7 @@ class FinetuneModule(L.LightningModule):
         from slimpajama.evaluate import evaluate_tasks, log_sample_tables
 
         options = {k: v for k, v in self.evaluation.items() if k not in ("enabled", "explain")}
-        dm = self.trainer.datamodule
-        if dm.seq_len + 1 > self.model.config.max_seq_len + 1:
-            raise ValueError(f"data.seq_len={dm.seq_len} exceeds the max_seq_len {self.model.config.max_seq_len} "
-                             f"of {self.init_dir}")
+        dm = self.trainer.datamodule  # its seq_len was checked against the model in setup
         metrics, samples = evaluate_tasks(self.model, dm.tokenizer, dm.tasks, dm.prompt_template, **options)
         log_sample_tables(self.trainer.loggers, samples)
         if self.evaluation.get("explain", True):
