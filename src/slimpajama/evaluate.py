@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from slimpajama.data.corpus import progress_bar
 from slimpajama.data.finetune import encode_example, encode_prompt, fit_prompt
 from slimpajama.data.tasks import DEFAULT_TEMPLATE, TaskSet, load_task
 from slimpajama.losses import IGNORE_INDEX, lm_loss
@@ -282,14 +283,11 @@ def evaluate_tasks(
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Metrics of `model` on each task's test split (at most `max_examples` each) and sample rows
     per table (`controls`: task, value, mode, text; `outputs`: task, control, input, prediction, reference)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     was_training = model.training
     model.eval()
     max_len = model.config.max_seq_len
     metrics, samples = {}, {"controls": [], "outputs": []}
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   disable=not progress)
+    bar = progress_bar(progress)
     try:
         with bar:
             for name, task in bar.track(tasks.items(), total=len(tasks), description="evaluating the tasks"):
@@ -338,13 +336,12 @@ TABLE_COLUMNS = {"controls": ["task", "value", "mode", "generation"],
 
 def log_sample_tables(loggers, samples: dict[str, list]) -> None:
     """A W&B table of sample generations per control value (and of task outputs) when a logger is W&B."""
-    from lightning.pytorch.loggers import WandbLogger
+    from slimpajama.pipeline import wandb_loggers
 
-    for lg in loggers or []:
-        if isinstance(lg, WandbLogger):
-            for key, rows in samples.items():
-                if rows:
-                    lg.log_table(key=f"samples/{key}", columns=TABLE_COLUMNS[key], data=rows)
+    for lg in wandb_loggers(loggers):
+        for key, rows in samples.items():
+            if rows:
+                lg.log_table(key=f"samples/{key}", columns=TABLE_COLUMNS[key], data=rows)
 
 
 # ---- the command --------------------------------------------------------------------------------

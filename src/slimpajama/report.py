@@ -269,7 +269,7 @@ def write_report(runs: dict[str, Path], out: Path, log_dir: Optional[Path] = Non
     for title, p in plots.items():
         if p is not None:
             md += [f"## {title}", "", f"![{title}]({Path(p).name})", ""]
-    for task, values in adherence_by_value(rows[-1]["control"] if "finetune" in runs else {}).items():
+    for task, values in adherence_by_value(rows[-1]["control"]).items():  # the fine-tuned model's, when there is one
         md += [f"## Control adherence per value ({task})", "",
                "| value | with its control | without a control | with the wrong control |", "|---|---|---|---|"]
         md += [f"| {v} | {m.get('with', 0):.0%} | {m.get('without', 0):.0%} | {m.get('wrong', 0):.0%} |"

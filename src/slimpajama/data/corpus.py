@@ -252,7 +252,7 @@ class TextCorpus(_Corpus):
         arrays: dict = defaultdict(list)
         stats = ReadStats()
         jobs = [(f, tokenizer._proto, self.val_fraction, self.on_bad_record) for f in files]
-        with _progress(progress) as bar, cf.ProcessPoolExecutor(
+        with progress_bar(progress) as bar, cf.ProcessPoolExecutor(
             max_workers=min(self.num_proc, len(jobs)), mp_context=mp.get_context("spawn")
         ) as pool:
             task = bar.add_task("tokenizing", total=sum(os.path.getsize(f) for f in files))
@@ -312,7 +312,8 @@ class MarkovCorpus(_Corpus):
 # ---------------------------------------------------------------------------------------------
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """A rich progress bar (description, bar, done of total, time left); `enabled=False` shows nothing."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
