@@ -133,9 +133,9 @@ def test_markov_nano_reaches_the_entropy_rate(tmp_path):
     assert h <= metrics["val/loss"] <= 1.10 * h, metrics
 
 
-@pytest.mark.slow
-def test_command_line_multirun_and_run_dir_override(corpus_dir, tmp_path):
-    """`python train.py -m ...` as users type it: one job folder per value, each with its metrics."""
+def train_cli(args: list[str], corpus_dir: Path, tmp_path: Path, timeout: int = 600):
+    """`python train.py <args>` in a subprocess as a user runs it: the tiny config for 2 steps on the
+    test corpus, logs and data under tmp_path, W&B off."""
     import subprocess
     import sys
 
@@ -143,18 +143,25 @@ def test_command_line_multirun_and_run_dir_override(corpus_dir, tmp_path):
 
     common = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
         f"data.paths=[{corpus_dir}]", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}",
-        "trainer.max_steps=2", "save_model=false"]
+        "trainer.max_steps=2"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "seed=1,2", *common], check=True, env=env,
-                   capture_output=True, timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, *common], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_command_line_multirun_and_run_dir_override(corpus_dir, tmp_path):
+    """`python train.py -m ...` as users type it: one job folder per value, each with its metrics."""
+    train_cli(["-m", "seed=1,2", "save_model=false"], corpus_dir, tmp_path)
     jobs = sorted((tmp_path / "logs" / "multiruns" / "pretrain").glob("*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]
     seeds = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert "seed=1" in seeds[0] and "seed=2" in seeds[1]
 
     run_dir = tmp_path / "my-run"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *common],
-                   check=True, env=env, capture_output=True, timeout=600)
+    train_cli([f"hydra.run.dir={run_dir}", "save_model=false"], corpus_dir, tmp_path)
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "pretrain.log").is_file()
     assert "final validation" in (run_dir / "pretrain.log").read_text()
 
@@ -162,21 +169,10 @@ def test_command_line_multirun_and_run_dir_override(corpus_dir, tmp_path):
 @pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best_val_loss(corpus_dir, tmp_path):
     """hparams_search=pretrain_optuna: each trial is a run whose returned val/loss Optuna minimises."""
-    import subprocess
-    import sys
-
     import yaml
 
-    from conftest import ROOT, TINY
-
-    common = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
-        f"data.paths=[{corpus_dir}]", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}",
-        "trainer.max_steps=2", "sample.max_new_tokens=0", "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.sampler.n_startup_trials=2"]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled"}
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=pretrain_optuna", *common],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_cli(["-m", "hparams_search=pretrain_optuna", "sample.max_new_tokens=0", "hydra.sweeper.n_trials=3",
+               "hydra.sweeper.sampler.n_startup_trials=2"], corpus_dir, tmp_path, timeout=900)
     (sweep,) = (tmp_path / "logs" / "multiruns" / "pretrain").glob("*")
     trials = sorted(sweep.glob("[0-9]"))
     assert [t.name for t in trials] == ["0", "1", "2"]
