@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama.generation import TextIteratorStreamer, TextStreamer, generate, no_repeat_ngram_, repetition_penalty_, warp
+from slimpajama.generation import (
+    TextIteratorStreamer, TextStreamer, generate, no_repeat_ngram_, repetition_penalty_, sample_next, warp,
+)
 
 from conftest import CONTROL, VOCAB
 
@@ -157,6 +159,27 @@ def test_warpers_match_hand_computation():
     assert keep(warp(logits, top_p=0.85)) == [True, True, True, False]
     assert keep(warp(logits, min_p=0.5)) == [True, True, False, False]  # >= 0.5 * 0.5
     torch.testing.assert_close(warp(logits, temperature=2.0), logits / 2.0)
+
+
+def test_top_k_sampling_draws_from_the_warped_top_k_distribution():
+    # sample_next draws among the k best only; the frequencies must match softmax(warp(...)) over the whole vocabulary
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    settings = [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_k=8, top_p=0.8), dict(temperature=1.0, top_k=6, min_p=0.2)]
+    for kw in settings:
+        expected = warp(logits, **kw).softmax(-1)[0]
+        g = torch.Generator().manual_seed(1)
+        draws = sample_next(logits.expand(20000, -1), generator=g, **kw)
+        freq = torch.bincount(draws, minlength=50).float() / draws.numel()
+        assert set(draws.unique().tolist()) <= set(expected.nonzero().flatten().tolist()), kw
+        torch.testing.assert_close(freq, expected, atol=0.015, rtol=0), kw
+
+
+def test_generate_returns_an_ordinary_tensor(model):
+    # decoding runs under inference_mode; what comes back must accept in-place edits like any tensor
+    out = greedy(model, torch.randint(4, VOCAB, (1, 5)), n=3)
+    assert not out.is_inference()
+    out[0, 0] = 7
 
 
 def test_text_streamer_sends_text_as_it_is_made(model, tok):

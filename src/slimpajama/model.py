@@ -71,8 +71,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same maths without the no-op casts (decoding is op-bound)
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        if x.dtype == torch.float32:  # the same maths in one call, without the no-op casts (decoding is op-bound)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()  # normalise in float32, as Llama does
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -80,19 +80,25 @@ class RMSNorm(nn.Module):
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (seq_len, head_dim), in Llama's layout: the frequencies repeated twice."""
+    """cos and signed sin, each (seq_len, head_dim), in Llama's layout (the frequencies repeated twice).
+
+    The sin table's first half is negated, so that `apply_rope` needs one `roll` where Llama's
+    rotate-half needs two slices, a negation and a concatenation (the same products and sums:
+    identical results)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, : head_dim // 2].neg_()
+    return emb.cos(), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (T, hs) or (B, 1, T, hs)
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    out = x * cos + rotated * sin
+    """Llama's rotation x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1);
+    with `rope_cache`'s signed sin that is x * cos + (x2, x1) * sin.
+    x: (B, nh, T, hs); cos/sin: (T, hs) or (B, 1, T, hs)."""
+    out = x * cos + x.roll(x.size(-1) // 2, -1) * sin
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -108,10 +114,11 @@ class KVCache(nn.Module):
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv, T, hs) into slots start .. start + T - 1; returns the keys and values
         of slots 0 .. start + T - 1 (views, no copy)."""
-        B, end = k.size(0), start + k.size(2)
-        self.k[:B, :, start:end] = k
-        self.v[:B, :, start:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]
+        B, T = k.size(0), k.size(2)
+        keys, values = (self.k, self.v) if B == self.k.size(0) else (self.k[:B], self.v[:B])
+        keys.narrow(2, start, T).copy_(k)
+        values.narrow(2, start, T).copy_(v)
+        return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
 
 
 class Attention(nn.Module):
