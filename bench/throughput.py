@@ -1,6 +1,6 @@
 """Pretraining throughput on this machine: our Lightning stage vs a bare PyTorch loop vs the peer.
 
-    .venv/bin/python bench/throughput.py --models micro small --batch 8 --seq-len 256
+    .venv/bin/python bench/throughput.py --models micro small --batch 8 --seq-len 256 [--compile [--compile-hf]]
 
 Three contenders train the same architecture, from IDENTICAL initial weights, on the same random
 token batches, with the same AdamW settings (every keyword of conf/stage/pretrain.yaml's
@@ -99,10 +99,11 @@ def training_settings() -> tuple[dict, float]:
 class BareContender:
     """Our model in a plain PyTorch loop."""
 
-    def __init__(self, config, state_dict, adamw, clip):
+    def __init__(self, config, state_dict, adamw, clip, compile=False):
         self.model = SlimPajamaModel(config)
         self.model.load_state_dict(state_dict)
         self.model.train()
+        self.forward = torch.compile(self.model.forward) if compile else self.model  # as the stage's compile=true
         self.opt = torch.optim.AdamW(param_groups(self.model, adamw["weight_decay"]), **adamw)
         self.clip = clip
 
@@ -111,7 +112,7 @@ class BareContender:
         x, y = batch[:, :-1], batch[:, 1:]
         self.opt.zero_grad(set_to_none=True)
         # the same loss path as our stage (stages/lm.py): head + cross-entropy in chunks
-        loss = linear_cross_entropy(self.model(x, apply_head=False), self.model.lm_head.weight, y)
+        loss = linear_cross_entropy(self.forward(x, apply_head=False), self.model.lm_head.weight, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
@@ -121,7 +122,7 @@ class BareContender:
 class HFContender:
     """transformers.LlamaForCausalLM with our weights."""
 
-    def __init__(self, config, state_dict, adamw, clip):
+    def __init__(self, config, state_dict, adamw, clip, compile=False):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         hf_config = LlamaConfig(**config_to_hf(config), attn_implementation="sdpa")
@@ -129,13 +130,14 @@ class HFContender:
         self.model.load_state_dict(state_dict_to_hf(state_dict, config), strict=True)
         self.model.train()
         self.attn_implementation = self.model.config._attn_implementation
+        self.forward = torch.compile(self.model) if compile else self.model  # as transformers' Trainer(torch_compile=True)
         self.opt = torch.optim.AdamW(param_groups(self.model, adamw["weight_decay"]), **adamw)
         self.clip = clip
 
     def step(self, batch: torch.Tensor) -> float:
         x = batch.long()[:, :-1]
         self.opt.zero_grad(set_to_none=True)
-        loss = self.model(input_ids=x, labels=x, use_cache=False).loss
+        loss = self.forward(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
@@ -227,9 +229,11 @@ def bench_model(name: str, args, adamw: dict, clip: float, peaks: list) -> dict:
     config = load_config(name, args.vocab_size, args.seq_len)
 
     torch.manual_seed(args.seed)
-    module = LanguageModelModule(config, optimizer=functools.partial(torch.optim.AdamW, **adamw), scheduler=None)
+    module = LanguageModelModule(config, optimizer=functools.partial(torch.optim.AdamW, **adamw), scheduler=None,
+                                 compile=args.compile)
     init = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    others = {"bare": BareContender(config, init, adamw, clip), "hf": HFContender(config, init, adamw, clip)}
+    others = {"bare": BareContender(config, init, adamw, clip, compile=args.compile),
+              "hf": HFContender(config, init, adamw, clip, compile=args.compile_hf)}
     del init
 
     # identical weights -> identical logits (a cheap check that the peer computes the same model)
@@ -334,6 +338,8 @@ def markdown(results: list, peak: float, args, adamw: dict, clip: float) -> str:
         f"fp32, batch {args.batch} x seq {args.seq_len} = {args.batch * args.seq_len} tokens/step, "
         f"vocab {args.vocab_size}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s (measured)"
         + (", glibc malloc tuned (--mallopt)" if args.mallopt else "")
+        + (", ours with torch.compile (stage.module.compile=true)" if args.compile else "")
+        + (", transformers with torch.compile" if args.compile_hf else "")
         + f"; AdamW {', '.join(f'{k}={v}' for k, v in adamw.items())}, clip {clip}",
         "",
         ("| model | params | GFLOP/token | rounds used / timed (warm-up) | Lightning tok/s | bare tok/s | HF tok/s "
@@ -377,6 +383,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help=f"untimed steps per contender (default {DEFAULT_WARMUP})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--compile", action="store_true",
+                   help="our stage with stage.module.compile=true, and the bare loop's forward compiled the same way")
+    p.add_argument("--compile-hf", action="store_true", help="torch.compile the transformers model too")
     p.add_argument("--mallopt", action="store_true",
                    help="tune glibc malloc (no trimming, 32 MiB mmap threshold) for all contenders; off by default")
     p.add_argument("--quiet-threshold", type=float, default=0.1,

@@ -4,6 +4,7 @@ import logging
 from typing import Callable, Optional
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torchmetrics import MeanMetric
 
@@ -22,13 +23,18 @@ class LanguageModelModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
         init_from: Optional[str] = None,
+        compile: bool = False,
     ):
         """model: the architecture; optimizer/scheduler: partials completed in configure_optimizers;
-        init_from: a saved model folder to start from instead of random weights."""
+        init_from: a saved model folder to start from instead of random weights;
+        compile: run the training forward pass through `torch.compile` (validation, sampling and the
+        saved model stay eager; the parameters and their names are the model's own)."""
         super().__init__()
         # plain types only: checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters({"model": model.to_dict(), "init_from": init_from})
+        self.save_hyperparameters({"model": model.to_dict(), "init_from": init_from, "compile": compile})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.compile_forward = compile
+        self._train_forward: Optional[Callable] = None  # the compiled forward, built when fitting starts
         if init_from:
             self.model = SlimPajamaModel.from_pretrained(init_from).train()
             log.info("initialised from %s", init_from)
@@ -36,13 +42,24 @@ class LanguageModelModule(L.LightningModule):
             self.model = SlimPajamaModel(model)
         self.val_loss = MeanMetric()
 
+    def setup(self, stage: str) -> None:
+        if self.compile_forward and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("stage.module.compile=true is not supported with trainer=fsdp (untested); use ddp or turn it off")
+
+    def on_fit_start(self) -> None:
+        if self.compile_forward:
+            # a compiled function, not a compiled module: the model keeps its own forward for
+            # validation and decoding, and its state_dict keys (no `_orig_mod.` prefix)
+            self._train_forward = torch.compile(self.model.forward)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         batch = batch.long()
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and next-token targets
-        h = self.model(x, apply_head=False)  # (B, T, d): the loss applies the head chunk by chunk
+        forward = self._train_forward if self.training and self._train_forward is not None else self.model
+        h = forward(x, apply_head=False)  # (B, T, d): the loss applies the head chunk by chunk
         return linear_cross_entropy(h, self.model.lm_head.weight, y), y.numel()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
