@@ -52,6 +52,29 @@ def test_training_lowers_the_loss_and_logs_namespaced_metrics(tiny_overrides, tm
     assert len(list((out / "checkpoints").glob("step_*.ckpt"))) == 1  # the best one
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradients_are_clipped_with_fused_adamw_in_every_precision(tiny_overrides, tmp_path, monkeypatch, precision):
+    # Lightning refuses to clip under mixed precision with a fused optimizer; bf16 has no scaler, so the stages clip
+    from slimpajama.optim import FusedOptimizerClipping
+    from slimpajama.stages import distill, finetune, lm, prune
+
+    assert all(issubclass(m, FusedOptimizerClipping) for m in (lm.LanguageModelModule, distill.DistillationModule,
+                                                               finetune.FinetuneModule, prune.PruneModule))
+    calls, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append((max_norm, sum(p.numel() for p in parameters)))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg, _, out = train(tiny_overrides + [f"trainer.precision={precision}", "trainer.max_steps=3"], tmp_path)
+    assert cfg.stage.module.optimizer.fused and cfg.trainer.gradient_clip_val == 1.0
+    n_params = SlimPajamaModel.from_pretrained(out / "model").num_params()
+    assert calls == [(1.0, n_params)] * 3  # every step, over every parameter
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["val/loss"])
+
+
 def _interrupted_and_full_runs(overrides, tmp_path, monkeypatch):
     """One run of 8 steps, and the same run stopped after step 4 then resumed with ckpt_path=last.
     Returns the three run folders and the batches each run trained on, in order (as hashes)."""

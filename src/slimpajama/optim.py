@@ -3,6 +3,8 @@
 import math
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -41,3 +43,21 @@ def lightning_optimizers(model: torch.nn.Module, optimizer_factory, scheduler_fa
     if scheduler_factory is None:
         return optimizer
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"}}
+
+
+class FusedOptimizerClipping:
+    """Mixed into every stage's LightningModule: gradient clipping that works with fused AdamW under
+    `bf16-mixed`.
+
+    Lightning refuses to clip (a RuntimeError at the first step) whenever a mixed-precision run uses an
+    optimizer that unscales gradients itself, such as fused AdamW. Only float16's GradScaler needs
+    unscaling before clipping; under bf16 there is no scaler and the gradients are ready to clip, so
+    this clips them as Lightning does in full precision. float16 keeps Lightning's own rule."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

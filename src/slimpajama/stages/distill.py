@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from slimpajama.losses import KD_KINDS, IGNORE_INDEX, hidden_state_loss, linear_cross_entropy, linear_distill_loss
 from slimpajama.model import SlimPajamaConfig
-from slimpajama.optim import lightning_optimizers
+from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.registry import latest_model, resolve_model
 from slimpajama.tokenizer import MODEL_FILE, SlimPajamaTokenizer
@@ -101,7 +101,7 @@ def check_vocabularies(
         )
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(FusedOptimizerClipping, L.LightningModule):
     def __init__(
         self,
         model: SlimPajamaConfig,

@@ -25,13 +25,13 @@ from torchmetrics import MeanMetric
 from slimpajama.data.finetune import resolve_init
 from slimpajama.lora import apply_lora, has_lora, merge_lora, row_trainable_weights
 from slimpajama.losses import linear_cross_entropy
-from slimpajama.optim import lightning_optimizers
+from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
 
 log = logging.getLogger(__name__)
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(FusedOptimizerClipping, L.LightningModule):
     def __init__(
         self,
         optimizer: Callable[..., torch.optim.Optimizer],

@@ -10,13 +10,13 @@ from torchmetrics import MeanMetric
 
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.model import SlimPajamaConfig
-from slimpajama.optim import lightning_optimizers
+from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
 
 log = logging.getLogger(__name__)
 
 
-class LanguageModelModule(L.LightningModule):
+class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
     def __init__(
         self,
         model: SlimPajamaConfig,

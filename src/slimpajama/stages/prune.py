@@ -33,7 +33,7 @@ from torchmetrics import MeanMetric
 
 from slimpajama import pruning
 from slimpajama.losses import linear_cross_entropy, linear_distill_loss
-from slimpajama.optim import lightning_optimizers
+from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import WEIGHTS_FILE, SlimPajamaModel
 from slimpajama.registry import latest_model
 
@@ -97,7 +97,7 @@ def generation_tokens_per_sec(model: SlimPajamaModel, prompt: torch.Tensor, new_
     return new_tokens / best
 
 
-class PruneModule(L.LightningModule):
+class PruneModule(FusedOptimizerClipping, L.LightningModule):
     def __init__(
         self,
         optimizer: Callable[..., torch.optim.Optimizer],
