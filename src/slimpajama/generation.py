@@ -353,9 +353,10 @@ def generate(
         kwargs = {"attention_mask": mask[:, : total if use_cache else end]} if left_padded else {}
         if left_padded:
             kwargs["position_ids"] = position_ids[:, start:end]
-        if not use_cache:
-            return model(out[:, :end], **kwargs)[:, -1]
-        hidden = model(out[:, start:end], input_pos=torch.arange(start, end, device=device), apply_head=False, **kwargs)
+        if use_cache:
+            hidden = model(out[:, start:end], input_pos=torch.arange(start, end, device=device), apply_head=False, **kwargs)
+        else:
+            hidden = model(out[:, :end], apply_head=False, **kwargs)
         return model.lm_head(hidden[:, -1])  # the head on the last position only (a prefill needs no more)
 
     was_training = model.training

@@ -42,12 +42,10 @@ class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
             self.model = SlimPajamaModel(model)
         self.val_loss = MeanMetric()
 
-    def setup(self, stage: str) -> None:
-        if self.compile_forward and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ValueError("stage.module.compile=true is not supported with trainer=fsdp (untested); use ddp or turn it off")
-
     def on_fit_start(self) -> None:
         if self.compile_forward:
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                raise ValueError("stage.module.compile=true is not supported with trainer=fsdp (untested); use ddp or turn it off")
             # a compiled function, not a compiled module: the model keeps its own forward for
             # validation and decoding, and its state_dict keys (no `_orig_mod.` prefix)
             self._train_forward = torch.compile(self.model.forward)
