@@ -10,6 +10,10 @@ sampled (temperature 0.8, top-k 50), taking turns rep by rep (ours, theirs, thei
 machine noise hits both alike. Reported: new tokens/s (median over reps), the ratio, the paired
 ratio (median of per-rep ratios), and whether the greedy outputs are identical.
 
+With --compile, the same races also run both libraries compiled, each its own way: our
+`generate(compile=True)` and transformers' `cache_implementation="static"` with a `compile_config`
+(the first call of each, which compiles, is the warm-up and is reported apart).
+
 Also measured, at batch 1: our decoding without the KV cache (`use_cache=False`: the whole prefix
 every step), and both libraries with bfloat16 weights.
 
@@ -61,11 +65,19 @@ def weight_bytes_per_token(model: SlimPajamaModel) -> int:
     return n * p.element_size()
 
 
-def ours_fn(model, ids, n, settings, use_cache=True):
-    return lambda: model.generate(ids, max_new_tokens=n, eos_token_id=-1, seed=0, use_cache=use_cache, **settings)
+def ours_fn(model, ids, n, settings, use_cache=True, compile=False):
+    return lambda: model.generate(ids, max_new_tokens=n, eos_token_id=-1, seed=0, use_cache=use_cache,
+                                  compile=compile, **settings)
 
 
-def hf_fn(model, ids, n, settings):
+def hf_fn(model, ids, n, settings, compile=False):
+    if compile:  # transformers' own compiled decoding: a static cache and generate's compile_config
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default")  # its default, "reduce-overhead", is CUDA graphs
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        settings = {**settings, "cache_implementation": "static", "compile_config": config}
+
     def run():
         torch.manual_seed(0)
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -77,9 +89,11 @@ def race(fns: dict, reps: int, tokens: int) -> dict:
     """Alternate the contenders rep by rep; tokens/s medians, the foreign CPU share, last outputs."""
     names = list(fns)
     times = {k: [] for k in names}
-    foreign, outs = [], {}
-    for name in names:  # warm-up: first calls pay for lazy initialisation
+    foreign, outs, first = [], {}, {}
+    for name in names:  # warm-up: first calls pay for lazy initialisation (and compilation)
+        t = time.perf_counter()
         fns[name]()
+        first[name] = time.perf_counter() - t
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
             clock = Clock()
@@ -87,7 +101,7 @@ def race(fns: dict, reps: int, tokens: int) -> dict:
             dt, f = clock.stop()
             times[name].append(dt)
             foreign.append(f)
-    result = {k: {"tokens_per_s": tokens / statistics.median(v), "times": v} for k, v in times.items()}
+    result = {k: {"tokens_per_s": tokens / statistics.median(v), "times": v, "first_call_s": first[k]} for k, v in times.items()}
     result["foreign_cpu"] = statistics.median(foreign)
     result["outputs"] = outs
     return result
@@ -114,6 +128,9 @@ def bench_model(name: str, args, bandwidth: float) -> list[dict]:
                 fns = {"ours": ours_fn(ours, ids, args.new_tokens, settings), "hf": hf_fn(hf, ids, args.new_tokens, settings)}
                 if args.no_cache and batch == 1 and mode == "greedy" and dtype == torch.float32:
                     fns["ours_no_cache"] = ours_fn(ours, ids, args.new_tokens, settings, use_cache=False)
+                if args.compile and dtype == torch.float32:
+                    fns["ours_compiled"] = ours_fn(ours, ids, args.new_tokens, settings, compile=True)
+                    fns["hf_compiled"] = hf_fn(hf, ids, args.new_tokens, settings, compile=True)
                 wait_quiet(args.wait_quiet)
                 r = race(fns, args.reps, batch * args.new_tokens)
                 paired = statistics.median(h / o for o, h in zip(r["ours"]["times"], r["hf"]["times"]))
@@ -129,6 +146,20 @@ def bench_model(name: str, args, bandwidth: float) -> list[dict]:
                     "identical": torch.equal(r["outputs"]["ours"], r["outputs"]["hf"]) if mode == "greedy" else None,
                     "foreign_cpu": r["foreign_cpu"],
                 }
+                if "ours_compiled" in r:
+                    oc, hc = r["ours_compiled"], r["hf_compiled"]
+                    row.update({
+                        "ours_compiled": oc["tokens_per_s"], "hf_compiled": hc["tokens_per_s"],
+                        "compiled_ratio": oc["tokens_per_s"] / hc["tokens_per_s"],
+                        "compiled_paired_ratio": statistics.median(h / o for o, h in zip(oc["times"], hc["times"])),
+                        "ours_compiled_share": oc["tokens_per_s"] / batch / limit,
+                        "hf_compiled_share": hc["tokens_per_s"] / batch / limit,
+                        "ours_compile_s": oc["first_call_s"] - r["ours"]["first_call_s"],
+                        "hf_compile_s": hc["first_call_s"] - r["hf"]["first_call_s"],
+                        "compiled_identical": (torch.equal(r["outputs"]["ours_compiled"], r["outputs"]["ours"])
+                                               and torch.equal(r["outputs"]["hf_compiled"], r["outputs"]["hf"]))
+                        if mode == "greedy" else None,
+                    })
                 if "ours_no_cache" in r:
                     row["ours_no_cache"] = r["ours_no_cache"]["tokens_per_s"]
                     row["cache_speedup"] = row["ours"] / row["ours_no_cache"]
@@ -152,6 +183,25 @@ def markdown(rows: list[dict], bandwidth: float, args) -> str:
             f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ours']:.0f} | "
             f"{r['hf']:.0f} | {r['ratio']:.2f}x ({r['paired_ratio']:.2f}x) | {share} | {same} | {r['foreign_cpu']:.0%} |"
         )
+    compiled = [r for r in rows if "ours_compiled" in r]
+    if compiled:
+        lines += [
+            "",
+            "Both compiled: ours `generate(compile=True)`, transformers `cache_implementation=\"static\"` with a "
+            "`compile_config`; compile s = first call minus the eager first call",
+            "",
+            "| model | batch | mode | ours tok/s | transformers tok/s | ratio (paired) | share of bandwidth limit, ours / theirs "
+            "| compile s, ours / theirs | outputs = eager |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in compiled:
+            share = f"{r['ours_compiled_share']:.0%} / {r['hf_compiled_share']:.0%}" if r["batch"] == 1 else "-"
+            same = {True: "yes", False: "NO", None: "-"}[r["compiled_identical"]]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['mode']} | {r['ours_compiled']:.0f} | {r['hf_compiled']:.0f} | "
+                f"{r['compiled_ratio']:.2f}x ({r['compiled_paired_ratio']:.2f}x) | {share} | "
+                f"{r['ours_compile_s']:.0f} / {r['hf_compile_s']:.0f} | {same} |"
+            )
     cached = [r for r in rows if "cache_speedup" in r]
     if cached:
         lines += ["", "| model | ours with KV cache tok/s | without (whole prefix each step) tok/s | speed-up |", "|---|---|---|---|"]
@@ -170,6 +220,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-no-cache", dest="no_cache", action="store_false", help="skip the run without KV cache")
+    p.add_argument("--compile", action="store_true",
+                   help="also race both libraries compiled: generate(compile=True) vs transformers' static cache + compile_config")
     p.add_argument("--wait-quiet", type=float, default=30.0, help="seconds to wait for idle CPUs before each race")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")

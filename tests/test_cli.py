@@ -33,6 +33,7 @@ def test_every_sampling_option_reaches_generate():
         "no_repeat_ngram_size": 3, "stop_strings": ["END", "\n\n"], "num_return_sequences": 2, "seed": 4,
         "max_new_tokens": 9}
     assert generation_kwargs(build_parser().parse_args(["m", "--greedy", "--temperature", "1"]))["do_sample"] is False
+    assert generation_kwargs(build_parser().parse_args(["m", "--compile"]))["compile"] is True
 
 
 def test_prompt_with_control_streams_the_greedy_continuation(folder, tok, capsys):

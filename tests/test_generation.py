@@ -109,6 +109,33 @@ def test_kv_cache_decodes_one_position_per_step_and_matches_no_cache(model):
     assert all(block.self_attn.kv_cache is None for block in model.layers)  # the cache is released
 
 
+@pytest.mark.slow
+def test_compiled_decoding_gives_eager_outputs_from_one_graph_for_every_step_and_length():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    ids = torch.randint(4, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :6], mask[2, :3] = 0, 0  # left padding: the masked path with rotary position ids
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(greedy(model, ids, n=15, attention_mask=mask, compile=True), greedy(model, ids, n=15, attention_mask=mask))
+    # another prompt length, another cache length, and sampling: the same graph
+    assert torch.equal(greedy(model, ids[:, 2:], n=30, attention_mask=mask[:, 2:], compile=True),
+                       greedy(model, ids[:, 2:], n=30, attention_mask=mask[:, 2:]))
+    sampled = [model.generate(ids, attention_mask=mask, max_new_tokens=10, top_k=5, seed=1, eos_token_id=-1, compile=c)
+               for c in (True, False)]
+    assert torch.equal(*sampled)
+    assert counters["stats"]["unique_graphs"] == 1 and counters["stats"]["calls_captured"] > 0
+    assert not counters["graph_break"]
+    assert all(block.self_attn.kv_cache is None for block in model.layers)
+    # new graphs where they are due (no padding; a one-token prompt, whose first step is slot 1, which
+    # dynamo may specialise), and later steps, which skip the guards, still pick the right one
+    for prompt in (ids[:1], ids[:1, -1:], ids[:2, -1:]):
+        assert torch.equal(greedy(model, prompt, n=20, compile=True), greedy(model, prompt, n=20))
+
+
 def test_num_return_sequences_repeats_each_prompt(model):
     ids = torch.randint(4, VOCAB, (2, 5))
     out = model.generate(ids, max_new_tokens=10, temperature=1.0, num_return_sequences=3, seed=0, eos_token_id=-1)

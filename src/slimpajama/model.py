@@ -11,7 +11,7 @@ Hugging Face's Llama parameter names on save and fuses them again on load.
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -233,7 +233,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        input_pos: Optional[torch.Tensor] = None,
+        input_pos: Optional[Union[torch.Tensor, int]] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
@@ -243,8 +243,10 @@ class Transformer(nn.Module):
 
         Training / full forward: input_pos None, causal attention over the T positions.
         Decoding with the KV cache: input_pos (T,) are the contiguous cache slots start .. start + T - 1
-        written by this call; its queries attend to slots 0 .. start + T - 1 (a prefill is start 0,
-        a decoding step is one slot), so no mask is built unless padding or a chunked prefill needs one.
+        written by this call, or the int start (under torch.compile an int is a symbolic size, where
+        reading the start out of a tensor would break the graph); its queries attend to slots
+        0 .. start + T - 1 (a prefill is start 0, a decoding step is one slot), so no mask is built
+        unless padding or a chunked prefill needs one.
         attention_mask (B, S) marks real (1) vs padding (0) key positions (S >= the keys attended to);
         position_ids (B, T) give rotary positions when they differ from the slots (left padding).
         apply_head=False returns the final normed hidden states (B, T, d) instead of logits, for a loss
@@ -256,7 +258,7 @@ class Transformer(nn.Module):
             cache = self.layers[0].self_attn.kv_cache
             if cache is None:
                 raise ValueError("input_pos needs the KV cache: call setup_kv_cache first")
-            start = int(input_pos[0])
+            start = input_pos if isinstance(input_pos, int) else int(input_pos[0])
             end = start + T
             if end > cache.k.size(2):
                 raise ValueError(f"cache slots up to {end} exceed the KV cache's {cache.k.size(2)}")
