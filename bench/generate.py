@@ -168,6 +168,20 @@ def bench_model(name: str, args, bandwidth: float) -> list[dict]:
     return rows
 
 
+SAME = {True: "yes", False: "NO", None: "-"}
+
+
+def shares(r: dict, ours: str = "ours_share", hf: str = "hf_share") -> str:
+    """Both contenders' share of the bandwidth limit (batch 1 only: a batch reads each weight once for B tokens)."""
+    return f"{r[ours]:.0%} / {r[hf]:.0%}" if r["batch"] == 1 else "-"
+
+
+def compile_s(r: dict) -> str:
+    """Seconds the compiled first call took over the eager one; only the greedy race (the first one of
+    a model and batch size) compiles, the sampled race reuses its graphs."""
+    return f"{r['ours_compile_s']:.0f} / {r['hf_compile_s']:.0f}" if r["mode"] == "greedy" else "-"
+
+
 def markdown(rows: list[dict], bandwidth: float, args) -> str:
     lines = [
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
@@ -176,13 +190,12 @@ def markdown(rows: list[dict], bandwidth: float, args) -> str:
         "| model | dtype | batch | mode | ours tok/s | transformers tok/s | ratio (paired) | share of bandwidth limit, ours / theirs | identical | others' CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        share = f"{r['ours_share']:.0%} / {r['hf_share']:.0%}" if r["batch"] == 1 else "-"
-        same = {True: "yes", False: "NO", None: "-"}[r["identical"]]
-        lines.append(
-            f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ours']:.0f} | "
-            f"{r['hf']:.0f} | {r['ratio']:.2f}x ({r['paired_ratio']:.2f}x) | {share} | {same} | {r['foreign_cpu']:.0%} |"
-        )
+    lines += [
+        f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ours']:.0f} | "
+        f"{r['hf']:.0f} | {r['ratio']:.2f}x ({r['paired_ratio']:.2f}x) | {shares(r)} | {SAME[r['identical']]} | "
+        f"{r['foreign_cpu']:.0%} |"
+        for r in rows
+    ]
     compiled = [r for r in rows if "ours_compiled" in r]
     if compiled:
         lines += [
@@ -194,14 +207,13 @@ def markdown(rows: list[dict], bandwidth: float, args) -> str:
             "| compile s, ours / theirs | outputs = eager |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in compiled:
-            share = f"{r['ours_compiled_share']:.0%} / {r['hf_compiled_share']:.0%}" if r["batch"] == 1 else "-"
-            same = {True: "yes", False: "NO", None: "-"}[r["compiled_identical"]]
-            lines.append(
-                f"| {r['model']} | {r['batch']} | {r['mode']} | {r['ours_compiled']:.0f} | {r['hf_compiled']:.0f} | "
-                f"{r['compiled_ratio']:.2f}x ({r['compiled_paired_ratio']:.2f}x) | {share} | "
-                f"{r['ours_compile_s']:.0f} / {r['hf_compile_s']:.0f} | {same} |"
-            )
+        lines += [
+            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['ours_compiled']:.0f} | {r['hf_compiled']:.0f} | "
+            f"{r['compiled_ratio']:.2f}x ({r['compiled_paired_ratio']:.2f}x) | "
+            f"{shares(r, 'ours_compiled_share', 'hf_compiled_share')} | "
+            f"{compile_s(r)} | {SAME[r['compiled_identical']]} |"
+            for r in compiled
+        ]
     cached = [r for r in rows if "cache_speedup" in r]
     if cached:
         lines += ["", "| model | ours with KV cache tok/s | without (whole prefix each step) tok/s | speed-up |", "|---|---|---|---|"]
