@@ -31,9 +31,11 @@ def _fused_head(h, weight, targets, chunk_rows: int, ignore_index: int, logit_gr
         g, terms = logit_grad(s, hc, tc)
         sums = [(t * vc).sum() for t in terms]
         totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
-        g = g.mul_((vc * scale)[:, None]).to(h.dtype)
-        torch.mm(g, weight, out=grad_h[s : s + chunk_rows])  # (c, d)
-        grad_w.addmm_(g.t(), hc)  # (V, d)
+        # each row's weight (1 / valid rows, or 0) scales the (c, d) factors, not the (c, V) g
+        row_scale = (vc * scale)[:, None].to(h.dtype)
+        g = g.to(h.dtype)
+        torch.mm(g, weight, out=grad_h[s : s + chunk_rows]).mul_(row_scale)  # (c, d)
+        grad_w.addmm_(g.t(), hc * row_scale)  # (V, d)
     return [t * scale for t in totals], grad_h, grad_w
 
 
@@ -54,10 +56,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_rows: int, ignore_index: int):
         # h (N, d), weight (V, d), targets (N,)
         def logit_grad(s, hc, tc):
-            logits = (hc @ weight.t()).float()  # (c, V)
-            lse = logits.logsumexp(-1)
-            ce = lse - logits.gather(1, tc[:, None]).squeeze(1)
-            return _softmax_minus_onehot_(logits, lse, tc), (ce,)
+            log_probs = torch.log_softmax((hc @ weight.t()).float(), -1)  # (c, V): one fused kernel
+            ce = -log_probs.gather(1, tc[:, None]).squeeze(1)
+            g = log_probs.exp_()  # softmax, in place
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0  # d CE / d logits = softmax - onehot
+            return g, (ce,)
 
         (loss,), grad_h, grad_w = _fused_head(h, weight, targets, chunk_rows, ignore_index, logit_grad)
         ctx.save_for_backward(grad_h, grad_w)
