@@ -31,11 +31,12 @@ def _fused_head(h, weight, targets, chunk_rows: int, ignore_index: int, logit_gr
         g, terms = logit_grad(s, hc, tc)
         sums = [(t * vc).sum() for t in terms]
         totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
-        # each row's weight (1 / valid rows, or 0) scales the (c, d) factors, not the (c, V) g
-        row_scale = (vc * scale)[:, None].to(h.dtype)
+        # each row's weight (1 / valid rows, or 0) scales the (c, d) factors, not the (c, V) g;
+        # in float32, so that a bfloat16 model rounds the scaled values once
+        row_scale = (vc * scale)[:, None]
         g = g.to(h.dtype)
         torch.mm(g, weight, out=grad_h[s : s + chunk_rows]).mul_(row_scale)  # (c, d)
-        grad_w.addmm_(g.t(), hc * row_scale)  # (V, d)
+        grad_w.addmm_(g.t(), (hc * row_scale).to(h.dtype))  # (V, d)
     return [t * scale for t in totals], grad_h, grad_w
 
 
