@@ -130,10 +130,25 @@ def test_compiled_decoding_gives_eager_outputs_from_one_graph_for_every_step_and
     assert counters["stats"]["unique_graphs"] == 1 and counters["stats"]["calls_captured"] > 0
     assert not counters["graph_break"]
     assert all(block.self_attn.kv_cache is None for block in model.layers)
-    # new graphs where they are due (no padding; a one-token prompt, whose first step is slot 1, which
-    # dynamo may specialise), and later steps, which skip the guards, still pick the right one
+    # new graphs where they are due: no padding, and a one-token prompt (its first step is slot 1,
+    # which dynamo may specialise)
     for prompt in (ids[:1], ids[:1, -1:], ids[:2, -1:]):
         assert torch.equal(greedy(model, prompt, n=20, compile=True), greedy(model, prompt, n=20))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompile_limit", [8, 1])
+def test_compiled_decoding_picks_each_models_graph_even_past_the_recompile_limit(recompile_limit):
+    # one compiled function serves every model: dynamo's guards pick each model's graph, and a model
+    # left without one by the recompile limit decodes eagerly
+    torch.manual_seed(0)
+    models = [SlimPajamaModel(tiny()).eval(), SlimPajamaModel(tiny(n_layer=3, d_model=48, n_head=6, n_kv_head=3)).eval()]
+    ids = torch.randint(4, VOCAB, (1, 7))
+    expected = [greedy(m, ids, n=20) for m in models]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=recompile_limit):
+        for i in (0, 1, 0, 1):
+            assert torch.equal(greedy(models[i], ids, n=20, compile=True), expected[i]), i
 
 
 def test_num_return_sequences_repeats_each_prompt(model):
