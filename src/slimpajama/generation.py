@@ -252,9 +252,9 @@ def _inference(fn: Callable) -> Callable:
     return wrapper
 
 
-def _last_logits(model, idx: torch.Tensor, start: int, **kwargs) -> torch.Tensor:
-    """Logits (B, V) at the last of the positions `idx` (B, T) writes into KV-cache slots start ..
-    start + T - 1: the head runs on that position only (a prefill needs no more)."""
+def _last_logits(model, idx: torch.Tensor, start: Optional[int], **kwargs) -> torch.Tensor:
+    """Logits (B, V) at the last of the positions `idx` (B, T), which go into KV-cache slots start ..
+    start + T - 1 (start None: no cache, the whole prefix): the head runs on that position only."""
     return model.lm_head(model(idx, input_pos=start, apply_head=False, **kwargs)[:, -1])
 
 
@@ -374,7 +374,7 @@ def generate(
         if left_padded:
             kwargs["position_ids"] = position_ids[:, start:end]
         if not use_cache:
-            return model.lm_head(model(out[:, :end], apply_head=False, **kwargs)[:, -1])
+            return _last_logits(model, out[:, :end], None, **kwargs)
         step = _compiled_last_logits() if compile and end - start == 1 else _last_logits
         return step(model, out[:, start:end], start, **kwargs)
 

@@ -40,9 +40,9 @@ def _fused_head(h, weight, targets, chunk_rows: int, ignore_index: int, logit_gr
     return [t * scale for t in totals], grad_h, grad_w
 
 
-def _softmax_minus_onehot_(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d CE / d logits per row, built in z's memory: softmax(z) - onehot(target)."""
-    g = z.sub_(lse[:, None]).exp_()
+def _softmax_minus_onehot_(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d CE / d logits per row, built in log_probs' memory: softmax - onehot(target)."""
+    g = log_probs.exp_()
     g[torch.arange(len(targets), device=g.device), targets] -= 1.0
     return g
 
@@ -59,9 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         def logit_grad(s, hc, tc):
             log_probs = torch.log_softmax((hc @ weight.t()).float(), -1)  # (c, V): one fused kernel
             ce = -log_probs.gather(1, tc[:, None]).squeeze(1)
-            g = log_probs.exp_()  # softmax, in place
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0  # d CE / d logits = softmax - onehot
-            return g, (ce,)
+            return _softmax_minus_onehot_(log_probs, tc), (ce,)
 
         (loss,), grad_h, grad_w = _fused_head(h, weight, targets, chunk_rows, ignore_index, logit_grad)
         ctx.save_for_backward(grad_h, grad_w)
@@ -198,7 +196,8 @@ class _LinearDistill(torch.autograd.Function):
                 log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
                 diff = log_q.sub_(log_m)
                 g_kd = diff.sub_((q * diff).sum(-1, keepdim=True)).mul_(q).mul_(0.5)
-            g = _softmax_minus_onehot_(z, lse, tc).mul_(1.0 - kd_ratio).add_(g_kd, alpha=kd_ratio * temperature)
+            g = _softmax_minus_onehot_(z.sub_(lse[:, None]), tc)  # z - lse: the student's log-probabilities
+            g = g.mul_(1.0 - kd_ratio).add_(g_kd, alpha=kd_ratio * temperature)
             return g, (ce, kd)
 
         with torch.autocast(h.device.type, enabled=False):  # float32 logits and softmaxes whatever the autocast
