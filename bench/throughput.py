@@ -1,6 +1,6 @@
 """Pretraining throughput on this machine: our Lightning stage vs a bare PyTorch loop vs the peer.
 
-    .venv/bin/python bench/throughput.py --models micro small --batch 8 --seq-len 256 [--compile [--compile-hf]]
+    .venv/bin/python bench/throughput.py --models micro small --batch 8 --seq-len 256 [--no-compile] [--compile-hf]
 
 Three contenders train the same architecture, from IDENTICAL initial weights, on the same random
 token batches, with the same AdamW settings (every keyword of conf/stage/pretrain.yaml's
@@ -338,7 +338,7 @@ def markdown(results: list, peak: float, args, adamw: dict, clip: float) -> str:
         f"fp32, batch {args.batch} x seq {args.seq_len} = {args.batch * args.seq_len} tokens/step, "
         f"vocab {args.vocab_size}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s (measured)"
         + (", glibc malloc tuned (--mallopt)" if args.mallopt else "")
-        + (", ours with torch.compile (stage.module.compile=true)" if args.compile else "")
+        + (", ours with torch.compile (compile=true, the default)" if args.compile else ", ours eager (compile=false)")
         + (", transformers with torch.compile" if args.compile_hf else "")
         + f"; AdamW {', '.join(f'{k}={v}' for k, v in adamw.items())}, clip {clip}",
         "",
@@ -383,8 +383,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help=f"untimed steps per contender (default {DEFAULT_WARMUP})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--compile", action="store_true",
-                   help="our stage with stage.module.compile=true, and the bare loop's forward compiled the same way")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="our stage with compile=true, the stage's default (conf/train.yaml), and the bare loop's "
+                        "forward compiled the same way; --no-compile: both eager")
     p.add_argument("--compile-hf", action="store_true", help="torch.compile the transformers model too")
     p.add_argument("--mallopt", action="store_true",
                    help="tune glibc malloc (no trimming, 32 MiB mmap threshold) for all contenders; off by default")

@@ -110,6 +110,7 @@ def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = No
 
 TINY = [
     "model=nano",
+    "compile=false",  # tests start at once; test_train checks the compiled forward
     "data=custom",
     "data.vocab_size=384",
     "data.seq_len=32",

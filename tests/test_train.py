@@ -152,7 +152,7 @@ def test_compile_trains_the_same_model_through_a_compiled_forward(tiny_overrides
              "callbacks.throughput.peak_flops=1e11", "~callbacks.progress_bar"]
     _, _, eager = train(tiny_overrides + steps, tmp_path, "eager")
     counters.clear()
-    _, _, compiled = train(tiny_overrides + steps + ["stage.module.compile=true"], tmp_path, "compiled")
+    _, _, compiled = train(tiny_overrides + steps + ["compile=true"], tmp_path, "compiled")
     assert counters["stats"]["unique_graphs"] >= 1  # the training forward really went through dynamo
     a, b = train_losses(eager), train_losses(compiled)
     assert a.keys() == b.keys() and len(a) >= 3
@@ -164,6 +164,25 @@ def test_compile_trains_the_same_model_through_a_compiled_forward(tiny_overrides
     m_eager, m_compiled = SlimPajamaModel.from_pretrained(eager / "model"), SlimPajamaModel.from_pretrained(compiled / "model")
     for (k, v), (k2, v2) in zip(m_eager.state_dict().items(), m_compiled.state_dict().items()):
         assert k == k2 and torch.allclose(v, v2, atol=1e-4), k
+
+
+def test_pretraining_compiles_by_default_and_trains_eagerly_without_a_cpp_compiler(tiny_overrides, tmp_path,
+                                                                                  monkeypatch, caplog):
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    import slimpajama.stages.lm as lm
+
+    assert compose_cfg([], tmp_path).stage.module.compile is True  # as LitGPT's and nanoGPT's pretraining
+    assert compose_cfg(["debug=fdr"], tmp_path).stage.module.compile is False
+    monkeypatch.setattr(lm, "inductor_compiler", lambda: None)
+    counters.clear()
+    with caplog.at_level(logging.WARNING, logger="slimpajama.stages.lm"):
+        _, _, out = train(tiny_overrides + ["compile=true"], tmp_path)
+    assert "needs a C++ compiler" in caplog.text and "compile=false" in caplog.text
+    assert counters["stats"]["unique_graphs"] == 0  # nothing went through dynamo
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["val/loss"])
 
 
 @pytest.mark.slow

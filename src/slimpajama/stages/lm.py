@@ -16,6 +16,16 @@ from slimpajama.pretrained import SlimPajamaModel
 log = logging.getLogger(__name__)
 
 
+def inductor_compiler() -> Optional[str]:
+    """The C++ compiler torch.compile's inductor backend would build kernels with, or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler (or RuntimeError) when none is found
+        return None
+
+
 class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
     def __init__(
         self,
@@ -43,12 +53,20 @@ class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
         self.val_loss = MeanMetric()
 
     def on_fit_start(self) -> None:
-        if self.compile_forward:
-            if isinstance(self.trainer.strategy, FSDPStrategy):
-                raise ValueError("stage.module.compile=true is not supported with trainer=fsdp (untested); use ddp or turn it off")
-            # a compiled function, not a compiled module: the model keeps its own forward for
-            # validation and decoding, and its state_dict keys (no `_orig_mod.` prefix)
-            self._train_forward = torch.compile(self.model.forward)
+        if not self.compile_forward:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            log.warning("compile=true is not supported with trainer=fsdp here (untested): training eagerly")
+            return
+        compiler = inductor_compiler()
+        if compiler is None:
+            log.warning("compile=true needs a C++ compiler for torch.compile's generated kernels and none was "
+                        "found (set CXX, or install g++/clang++): training eagerly; compile=false hides this")
+            return
+        # a compiled function, not a compiled module: the model keeps its own forward for
+        # validation and decoding, and its state_dict keys (no `_orig_mod.` prefix)
+        self._train_forward = torch.compile(self.model.forward)
+        log.info("training forward compiled with torch.compile (C++ compiler %s); the first step waits for it", compiler)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
