@@ -52,8 +52,8 @@ def test_pipeline_runs_every_stage_and_writes_the_report(corpus_dir, tmp_path):
                              "stage.module.evaluation.max_examples=4", "stage.module.evaluation.per_control=2",
                              "stage.module.evaluation.control_max_new_tokens=8"],
     }
-    common = ["model=nano", "compile=false", "callbacks=none", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-              "sample.max_new_tokens=4"]
+    common = ["model=nano", "compile=false", "callbacks=none", "trainer.log_every_n_steps=1",
+              "trainer.enable_progress_bar=false", "sample.max_new_tokens=4"]
     # a user's copy of the demo pipeline, with tiny sizes, in their own config folder
     experiment = yaml.safe_load((ROOT / "conf" / "experiment" / "pipeline_demo.yaml").read_text())
     experiment["pipeline"].update(common=common, stages=stages, report={"prompt": "ka", "gen_tokens": 4})

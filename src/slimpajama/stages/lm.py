@@ -66,7 +66,8 @@ class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
         # a compiled function, not a compiled module: the model keeps its own forward for
         # validation and decoding, and its state_dict keys (no `_orig_mod.` prefix)
         self._train_forward = torch.compile(self.model.forward)
-        log.info("training forward compiled with torch.compile (C++ compiler %s); the first step waits for it", compiler)
+        log.info("training forward compiled with torch.compile (C++ compiler %s); the first step waits for it",
+                 compiler)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
