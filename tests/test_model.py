@@ -69,12 +69,15 @@ def ops_called(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-def test_linear_sends_only_decoding_matvecs_of_wide_weights_to_onednn():
+def test_linear_sends_only_decoding_matvecs_of_wide_weights_to_onednn(monkeypatch):
     torch.manual_seed(0)
+    onednn = "mkldnn::_linear_pointwise"
+    with torch.inference_mode():  # by default a weight this small stays on MKL's gemm (its lower fixed cost)
+        assert onednn not in ops_called(lambda: Linear(24, 40, bias=False)(torch.randn(1, 24)))
+    monkeypatch.setattr(Linear, "min_onednn", 0)
     wide, narrow = Linear(24, 40, bias=False), Linear(40, 24, bias=False)
     wide_bf16 = Linear(24, 40, bias=False).bfloat16()
     few, many = torch.randn(2, 3, 24), torch.randn(4, 9, 24)  # 6 rows and 36 rows (max_rows is 32)
-    onednn = "mkldnn::_linear_pointwise"
     with torch.inference_mode():
         assert (onednn in ops_called(lambda: wide(few))) == ONEDNN  # a decoding step of a wide weight
         torch.testing.assert_close(wide(few), F.linear(few, wide.weight), atol=1e-6, rtol=1e-6)

@@ -121,33 +121,50 @@ class KVCache(nn.Module):
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
 
 
+# oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the op inductor emits for a CPU linear)
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("slimpajama::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """oneDNN's inner product on a plain (out, in) weight, as an op torch.compile calls as it is
+    (inductor lowers mkldnn._linear_pointwise only for weights it has packed itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
 class Linear(nn.Linear):
     """`nn.Linear` that sends a decoding step's matrix-vector product to oneDNN's inner product when
     that is the faster kernel: float32 inference on a CPU, at most `max_rows` rows, and a weight with
-    more outputs than inputs (the fused qkv and gate/up projections, the output head).
+    more outputs than inputs and at least `min_onednn` elements (the fused qkv and gate/up
+    projections, the output head).
 
     A decoding step reads every weight once, so its speed is the rate the kernel reads weights at.
-    On the 2-core AMD EPYC of docs/benchmarks.md, MKL's gemm behind `F.linear` reads a wide weight at
-    11-16 GB/s and oneDNN at 17-33 GB/s (1.5-2.2x), on the same weight in the same layout (no copy);
-    for square and narrow weights (o_proj, down_proj) the two are level or MKL is ahead. Training,
-    autocast, bf16, other devices, more rows and torch.compile take `F.linear`."""
+    On the 2-core AMD EPYC of docs/benchmarks.md, MKL's gemm behind `F.linear` reads such a weight at
+    11-16 GB/s and oneDNN at 23-33 GB/s (1.5-2.2x), on the same weight in the same layout (no copy);
+    for square and narrow weights (o_proj, down_proj) the two are level or MKL is ahead, and for small
+    ones that stay in cache MKL's lower fixed cost wins. Training, autocast, bf16, other devices and
+    more rows take `F.linear`; under torch.compile the oneDNN call is the opaque op `onednn_linear`."""
 
     max_rows = 32  # measured on small's weights: oneDNN 1.4-1.6x faster at 1-4 rows, 1.07x at 32, 0.96x at 128
+    min_onednn = 2**19  # elements: small's qkv (553k) and up; not micro's qkv and gate_up (131k, 360k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (
-            w.size(0) > w.size(1) and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= self.max_rows * x.size(-1)
-            and ONEDNN and w.is_contiguous() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()  # inductor lowers this op only for its own packed weights
+            w.size(0) > w.size(1) and w.numel() >= self.min_onednn and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.numel() <= self.max_rows * x.size(-1) and ONEDNN and w.is_contiguous()
+            and not torch.is_autocast_enabled("cpu")
         ):
+            if torch.compiler.is_compiling():
+                return onednn_linear(x, w, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
-
-
-# oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the op inductor emits for a CPU linear)
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Attention(nn.Module):
