@@ -150,6 +150,23 @@ def test_compiled_decoding_gives_eager_outputs_from_one_graph_for_every_step_and
         assert torch.equal(greedy(model, prompt, n=20, compile=True), greedy(model, prompt, n=20))
 
 
+def test_compiled_decoding_without_a_cpp_compiler_warns_and_decodes_eagerly(model, monkeypatch, caplog):
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    import slimpajama.generation as generation
+
+    monkeypatch.setattr(generation, "inductor_compiler", lambda: None)
+    counters.clear()
+    ids = torch.randint(4, VOCAB, (1, 6))
+    with caplog.at_level(logging.WARNING, logger="slimpajama.generation"):
+        out = greedy(model, ids, n=10, compile=True)
+    assert "needs a C++ compiler" in caplog.text
+    assert torch.equal(out, greedy(model, ids, n=10))
+    assert counters["stats"]["unique_graphs"] == 0  # nothing went through dynamo
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recompile_limit", [8, 1])
 def test_compiled_decoding_picks_each_models_graph_even_past_the_recompile_limit(recompile_limit):

@@ -16,6 +16,7 @@ conditioning, larger values push the output further towards what the control sig
 """
 
 import functools
+import logging
 import queue
 import sys
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -23,6 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+log = logging.getLogger(__name__)
 
 
 # ---- logits processors: (B, V) scores in, (B, V) scores out --------------------------------------
@@ -258,6 +260,16 @@ def _last_logits(model, idx: torch.Tensor, start: Optional[int], **kwargs) -> to
     return model.lm_head(model(idx, input_pos=start, apply_head=False, **kwargs)[:, -1])
 
 
+def inductor_compiler() -> Optional[str]:
+    """The C++ compiler torch.compile's inductor backend would build kernels with, or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler (or RuntimeError) when none is found
+        return None
+
+
 @functools.cache
 def _compiled_last_logits() -> Callable:
     """`_last_logits` through torch.compile, built once per process. dynamic=True: the cache slot
@@ -340,6 +352,10 @@ def generate(
             input_ids, attention_mask, negative_prompt_ids, negative_prompt_attention_mask, num_return_sequences, pad
         )
 
+    if compile and inductor_compiler() is None:
+        log.warning("generate(compile=True) needs a C++ compiler for torch.compile's generated kernels and none "
+                    "was found (set CXX, or install g++/clang++): decoding eagerly")
+        compile = False
     B, T = input_ids.shape
     limit = config.max_seq_len
     if max_new_tokens is None:

@@ -153,18 +153,21 @@ class Linear(nn.Linear):
     max_rows = 32  # measured on small's weights: oneDNN 1.4-1.6x faster at 1-4 rows, 1.07x at 32, 0.96x at 128
     min_onednn = 2**19  # elements: small's qkv (553k) and up; not micro's qkv and gate_up (131k, 360k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def picks_onednn(self, x: torch.Tensor) -> bool:
         w = self.weight
-        if (
+        return (
             w.size(0) > w.size(1) and w.numel() >= self.min_onednn and x.dtype == torch.float32
             and w.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and x.numel() <= self.max_rows * x.size(-1) and ONEDNN and w.is_contiguous()
             and not torch.is_autocast_enabled("cpu")
-        ):
-            if torch.compiler.is_compiling():
-                return onednn_linear(x, w, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        return F.linear(x, w, self.bias)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.picks_onednn(x):
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 class Attention(nn.Module):

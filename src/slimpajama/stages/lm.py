@@ -8,22 +8,13 @@ from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torchmetrics import MeanMetric
 
+from slimpajama.generation import inductor_compiler
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.model import SlimPajamaConfig
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
 
 log = logging.getLogger(__name__)
-
-
-def inductor_compiler() -> Optional[str]:
-    """The C++ compiler torch.compile's inductor backend would build kernels with, or None."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return get_cpp_compiler()
-    except Exception:  # inductor raises its own InvalidCxxCompiler (or RuntimeError) when none is found
-        return None
 
 
 class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
