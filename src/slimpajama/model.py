@@ -144,8 +144,8 @@ class Linear(nn.Linear):
     projections, the output head).
 
     A decoding step reads every weight once, so its speed is the rate the kernel reads weights at.
-    On the 2-core AMD EPYC of docs/benchmarks.md, MKL's gemm behind `F.linear` reads such a weight at
-    11-16 GB/s and oneDNN at 23-33 GB/s (1.5-2.2x), on the same weight in the same layout (no copy);
+    On the 2-core AMD EPYC of docs/benchmarks.md, oneDNN reads such a weight 1.4-2.2x faster than
+    MKL's gemm behind `F.linear` (bench/matvec.py), the same weight in the same layout (no copy);
     for square and narrow weights (o_proj, down_proj) the two are level or MKL is ahead, and for small
     ones that stay in cache MKL's lower fixed cost wins. Training, autocast, bf16, other devices and
     more rows take `F.linear`; under torch.compile the oneDNN call is the opaque op `onednn_linear`."""
