@@ -26,10 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from throughput import load_config  # noqa: E402
 
 from slimpajama.model import Linear, Transformer  # noqa: E402
-
-
-def onednn(x, w):
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+from slimpajama.model import onednn_inner_product as onednn  # noqa: E402
 
 
 def seconds_per_product(fn, x, weights, rounds: int = 7) -> float:

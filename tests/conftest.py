@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -162,3 +163,10 @@ def wandb_offline_record(run_dir: Path, keys: tuple[bytes, ...], wait_s: int = 3
             break
         time.sleep(1)
     return record
+
+
+def op_calls(fn) -> dict[str, int]:
+    """How many times each operator (e.g. "mkldnn::_linear_pointwise") ran during fn(), by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}

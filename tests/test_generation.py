@@ -13,7 +13,7 @@ from slimpajama.generation import (
     TextIteratorStreamer, TextStreamer, generate, no_repeat_ngram_, repetition_penalty_, sample_next, warp,
 )
 
-from conftest import CONTROL, VOCAB
+from conftest import CONTROL, VOCAB, op_calls
 
 
 def tiny(**kw) -> SlimPajamaConfig:
@@ -134,11 +134,9 @@ def test_compiled_decoding_gives_eager_outputs_from_one_graph_for_every_step_and
     assert counters["stats"]["unique_graphs"] == 1 and counters["stats"]["calls_captured"] > 0
     assert not counters["graph_break"]
 
-
     def onednn_calls(n: int) -> int:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            greedy(model, ids, n=n, attention_mask=mask, compile=True)
-        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+        calls = op_calls(lambda: greedy(model, ids, n=n, attention_mask=mask, compile=True))
+        return calls.get("mkldnn::_linear_pointwise", 0)
 
     # 4 more compiled steps: 4 x (qkv and gate_up of 2 blocks, and the head) oneDNN calls when the
     # threshold lets a tiny model's wide weights through, none by default

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import op_calls
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
 from slimpajama.model import ONEDNN, Linear, apply_rope
 
@@ -63,32 +64,26 @@ def test_kv_cache_decoding_equals_full_forward(tie):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def ops_called(fn) -> set[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages()}
-
-
 def test_linear_sends_only_decoding_matvecs_of_wide_weights_to_onednn(monkeypatch):
     torch.manual_seed(0)
     onednn = "mkldnn::_linear_pointwise"
     with torch.inference_mode():  # by default a weight this small stays on MKL's gemm (its lower fixed cost)
-        assert onednn not in ops_called(lambda: Linear(24, 40, bias=False)(torch.randn(1, 24)))
+        assert onednn not in op_calls(lambda: Linear(24, 40, bias=False)(torch.randn(1, 24)))
     monkeypatch.setattr(Linear, "min_onednn", 0)
     wide, narrow = Linear(24, 40, bias=False), Linear(40, 24, bias=False)
     wide_bf16 = Linear(24, 40, bias=False).bfloat16()
     few, many = torch.randn(2, 3, 24), torch.randn(4, 9, 24)  # 6 rows and 36 rows (max_rows is 32)
     with torch.inference_mode():
-        assert (onednn in ops_called(lambda: wide(few))) == ONEDNN  # a decoding step of a wide weight
+        assert (onednn in op_calls(lambda: wide(few))) == ONEDNN  # a decoding step of a wide weight
         torch.testing.assert_close(wide(few), F.linear(few, wide.weight), atol=1e-6, rtol=1e-6)
-        assert onednn not in ops_called(lambda: narrow(torch.randn(2, 3, 40)))  # MKL is as fast there
-        assert onednn not in ops_called(lambda: wide(many))  # a prefill: gemm
-        assert onednn not in ops_called(lambda: wide_bf16(few.bfloat16()))
+        assert onednn not in op_calls(lambda: narrow(torch.randn(2, 3, 40)))  # MKL is as fast there
+        assert onednn not in op_calls(lambda: wide(many))  # a prefill: gemm
+        assert onednn not in op_calls(lambda: wide_bf16(few.bfloat16()))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert onednn not in ops_called(lambda: wide(few))
+            assert onednn not in op_calls(lambda: wide(few))
             assert wide(few).dtype == torch.bfloat16  # autocast still applies
     y = wide(few)  # training: autograd through F.linear
-    assert onednn not in ops_called(lambda: wide(few)) and y.requires_grad
+    assert onednn not in op_calls(lambda: wide(few)) and y.requires_grad
     y.sum().backward()
     torch.testing.assert_close(wide.weight.grad, few.reshape(-1, 24).sum(0).expand(40, 24))
 

@@ -125,11 +125,16 @@ class KVCache(nn.Module):
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_inner_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) by oneDNN's inner product, on a plain (out, in) weight: no post-op."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 @torch.library.custom_op("slimpajama::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """oneDNN's inner product on a plain (out, in) weight, as an op torch.compile calls as it is
-    (inductor lowers mkldnn._linear_pointwise only for weights it has packed itself)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """`onednn_inner_product` as an op torch.compile calls as it is (inductor lowers
+    mkldnn._linear_pointwise only for weights it has packed itself)."""
+    return onednn_inner_product(x, weight, bias)
 
 
 @onednn_linear.register_fake
@@ -167,7 +172,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             return onednn_linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return onednn_inner_product(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
