@@ -1,14 +1,19 @@
-"""The kernel behind a decoding step: MKL's gemm (`F.linear`) vs oneDNN's inner product, per weight shape.
+"""The kernel behind a decoding step: `F.linear` (MKL's gemm) vs our row blocks, per weight shape.
 
     .venv/bin/python bench/matvec.py --models micro small --rows 1 8
 
 Decoding at batch B multiplies B rows by every weight of the model once per token, so its speed is
 the rate the kernel reads weights at. For each distinct linear-layer shape of each model
-(conf/model/<name>.yaml, vocabulary 8192), the script times both kernels on one input of `rows`
+(conf/model/<name>.yaml, vocabulary 8192), the script times three kernels on one input of `rows`
 rows against enough distinct copies of the weight to fill 128 MB, so that every weight comes from
-memory as it does in decoding (a single weight would sit in the cache). It reports GB/s of weight
-read, the oneDNN/MKL speed ratio, and which kernel `slimpajama.model.Linear` picks for that shape.
-Alternating kernels, best of 7 rounds. Both give the same products to float32 rounding (checked).
+memory as it does in decoding (a single weight would sit in the cache):
+- `F.linear`, MKL's gemm, which transformers uses;
+- `slimpajama.model.row_block_linear`, one `bmm` over a block of output rows per thread, which
+  `Linear` uses for at most `Linear.max_rows` rows;
+- oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`, what inductor emits for a CPU
+  linear), for reference.
+It reports GB/s of weight read and the row-block / F.linear speed ratio. Alternating kernels, best
+of 7 rounds. All three give the same products to float32 rounding (checked).
 """
 
 import argparse
@@ -25,18 +30,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import load_config  # noqa: E402
 
-from slimpajama.model import Linear, Transformer  # noqa: E402
-from slimpajama.model import onednn_inner_product as onednn  # noqa: E402
+from slimpajama.model import Linear, Transformer, row_block_linear  # noqa: E402
 
 
-def seconds_per_product(fn, x, weights, rounds: int = 7) -> float:
-    fn(x, weights[0])
-    best = float("inf")
+def onednn(x, weight):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def seconds_per_product(fns, x, weights, rounds: int = 7) -> dict:
+    """The best time of each kernel in fns for one product, the kernels taking turns round by round."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns:
+        fn(x, weights[0])
     for _ in range(rounds):
-        t = time.perf_counter()
-        for w in weights:
-            fn(x, w)
-        best = min(best, (time.perf_counter() - t) / len(weights))
+        for fn in fns:
+            t = time.perf_counter()
+            for w in weights:
+                fn(x, w)
+            best[fn] = min(best[fn], (time.perf_counter() - t) / len(weights))
     return best
 
 
@@ -59,8 +70,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
-    print("| model | layer | weight (out x in) | MB | rows | MKL GB/s | oneDNN GB/s | oneDNN / MKL | Linear picks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | layer | weight (out x in) | MB | rows | F.linear GB/s | row blocks GB/s | oneDNN GB/s "
+          "| row blocks / F.linear | Linear uses |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for name in args.models:
             for (out, inp), layer in shapes(name, args.vocab_size).items():
@@ -68,14 +80,15 @@ def main(argv=None):
                 weights = [torch.randn(out, inp) * 0.02 for _ in range(max(4, int(args.pool_mb / mb)))]
                 for rows in args.rows:
                     x = torch.randn(1, rows, inp)
-                    torch.testing.assert_close(onednn(x, weights[0]), F.linear(x, weights[0]), rtol=1e-4, atol=1e-5)
-                    mkl = seconds_per_product(F.linear, x, weights)
-                    dnn = seconds_per_product(onednn, x, weights)
+                    for fn in (onednn, row_block_linear):
+                        torch.testing.assert_close(fn(x, weights[0]), F.linear(x, weights[0]), rtol=1e-4, atol=1e-5)
+                    seconds = seconds_per_product((F.linear, row_block_linear, onednn), x, weights)
+                    mkl, blocks, dnn = (mb / 1e3 / seconds[fn] for fn in (F.linear, row_block_linear, onednn))
                     linear = Linear(inp, out, bias=False)
                     linear.weight = torch.nn.Parameter(weights[0], requires_grad=False)
-                    uses = linear.picks_onednn(x)
-                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | {rows} | {mb / 1e3 / mkl:.1f} | "
-                          f"{mb / 1e3 / dnn:.1f} | {mkl / dnn:.2f}x | {'oneDNN' if uses else 'MKL'} |", flush=True)
+                    uses = "row blocks" if linear.decodes(x) else "F.linear"
+                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | {rows} | {mkl:.1f} | {blocks:.1f} | {dnn:.1f} "
+                          f"| {blocks / mkl:.2f}x | {uses} |", flush=True)
 
 
 if __name__ == "__main__":

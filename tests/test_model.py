@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import op_calls
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama.model import ONEDNN, Linear, apply_rope
+from slimpajama.model import Linear, apply_rope
 
 
 def tiny(**kw) -> SlimPajamaConfig:
@@ -64,28 +64,33 @@ def test_kv_cache_decoding_equals_full_forward(tie):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_sends_only_decoding_matvecs_of_wide_weights_to_onednn(monkeypatch):
+def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_results(monkeypatch):
     torch.manual_seed(0)
-    onednn = "mkldnn::_linear_pointwise"
-    with torch.inference_mode():  # by default a weight this small stays on MKL's gemm (its lower fixed cost)
-        assert onednn not in op_calls(lambda: Linear(24, 40, bias=False)(torch.randn(1, 24)))
-    monkeypatch.setattr(Linear, "min_onednn", 0)
-    wide, narrow = Linear(24, 40, bias=False), Linear(40, 24, bias=False)
-    wide_bf16 = Linear(24, 40, bias=False).bfloat16()
-    few, many = torch.randn(2, 3, 24), torch.randn(4, 9, 24)  # 6 rows and 36 rows (max_rows is 32)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # the block count follows the threads
+    narrow, wide, odd = Linear(40, 24, bias=True), Linear(24, 40, bias=False), Linear(24, 42, bias=False)
+    few, many = torch.randn(2, 3, 40), torch.randn(4, 9, 40)  # 6 rows and 36 rows (max_rows is 32)
+    bmm = "aten::bmm"
     with torch.inference_mode():
-        assert (onednn in op_calls(lambda: wide(few))) == ONEDNN  # a decoding step of a wide weight
-        torch.testing.assert_close(wide(few), F.linear(few, wide.weight), atol=1e-6, rtol=1e-6)
-        assert onednn not in op_calls(lambda: narrow(torch.randn(2, 3, 40)))  # MKL is as fast there
-        assert onednn not in op_calls(lambda: wide(many))  # a prefill: gemm
-        assert onednn not in op_calls(lambda: wide_bf16(few.bfloat16()))
+        calls = op_calls(lambda: narrow(few))
+        assert calls.get(bmm) == 1 and "aten::mm" not in calls and "aten::addmm" not in calls
+        torch.testing.assert_close(narrow(few), F.linear(few, narrow.weight, narrow.bias), atol=1e-6, rtol=1e-6)
+        x = torch.randn(1, 1, 24)
+        assert narrow.decodes(few) and wide.decodes(x) and not narrow.decodes(many)
+        torch.testing.assert_close(wide(x), F.linear(x, wide.weight), atol=1e-6, rtol=1e-6)
+        assert odd.decodes(x) and bmm not in op_calls(lambda: odd(x))  # 42 rows: no 4 equal blocks
+        assert bmm not in op_calls(lambda: narrow(many))  # a prefill: gemm
+        assert bmm not in op_calls(lambda: narrow.bfloat16()(few.bfloat16()))
+        narrow.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert onednn not in op_calls(lambda: wide(few))
-            assert wide(few).dtype == torch.bfloat16  # autocast still applies
-    y = wide(few)  # training: autograd through F.linear
-    assert onednn not in op_calls(lambda: wide(few)) and y.requires_grad
+            assert bmm not in op_calls(lambda: narrow(few))
+            assert narrow(few).dtype == torch.bfloat16  # autocast still applies
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        assert bmm not in op_calls(lambda: narrow(few))  # one thread: nothing to spread the blocks over
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    y = wide(few[..., :24])  # training: autograd through F.linear
+    assert bmm not in op_calls(lambda: wide(few[..., :24])) and y.requires_grad
     y.sum().backward()
-    torch.testing.assert_close(wide.weight.grad, few.reshape(-1, 24).sum(0).expand(40, 24))
+    torch.testing.assert_close(wide.weight.grad, few[..., :24].reshape(-1, 24).sum(0).expand(40, 24))
 
 
 def test_greedy_generate_matches_argmax_of_full_forward():

@@ -121,58 +121,61 @@ class KVCache(nn.Module):
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
 
 
-# oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the op inductor emits for a CPU linear)
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def row_block_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) as one `bmm` over equal blocks of the weight's output rows, one block per
+    thread (views of the weight, no copy); `F.linear` with one thread or rows that do not divide.
+    Each output is the same dot product as in `F.linear`, so the results agree to float32 rounding
+    (without a bias, MKL's are equal)."""
+    out_features, in_features = weight.shape
+    blocks = torch.get_num_threads()
+    if blocks < 2 or out_features % blocks:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(1, -1, in_features).expand(blocks, -1, in_features)  # (blocks, n, in): all rows for each block
+    y = torch.bmm(rows, weight.view(blocks, out_features // blocks, in_features).transpose(1, 2))
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)  # (blocks, n, out / blocks) -> (..., out)
+    return y if bias is None else y + bias
 
 
-def onednn_inner_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) by oneDNN's inner product, on a plain (out, in) weight: no post-op."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+@torch.library.custom_op("slimpajama::row_block_linear", mutates_args=())
+def row_block_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`row_block_linear` as one opaque op for torch.compile: the thread count is read when the step
+    runs (dynamo cannot trace `torch.get_num_threads`), and inductor calls the op as it is."""
+    return row_block_linear(x, weight, bias)
 
 
-@torch.library.custom_op("slimpajama::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`onednn_inner_product` as an op torch.compile calls as it is (inductor lowers
-    mkldnn._linear_pointwise only for weights it has packed itself)."""
-    return onednn_inner_product(x, weight, bias)
-
-
-@onednn_linear.register_fake
+@row_block_linear_op.register_fake
 def _(x, weight, bias=None):
     return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that sends a decoding step's matrix-vector product to oneDNN's inner product when
-    that is the faster kernel: float32 inference on a CPU, at most `max_rows` rows, and a weight with
-    more outputs than inputs and at least `min_onednn` elements (the fused qkv and gate/up
-    projections, the output head).
+    """`nn.Linear` that runs a decoding step's product as one batched product over blocks of the
+    weight's output rows, a block per thread (`row_block_linear`), when it is float32 inference on a
+    CPU with at most `max_rows` rows of input.
 
-    A decoding step reads every weight once, so its speed is the rate the kernel reads weights at.
-    On the 2-core AMD EPYC of docs/benchmarks.md, oneDNN reads such a weight 1.4-2.2x faster than
-    MKL's gemm behind `F.linear` (bench/matvec.py), the same weight in the same layout (no copy);
-    for square and narrow weights (o_proj, down_proj) the two are level or MKL is ahead, and for small
-    ones that stay in cache MKL's lower fixed cost wins. Training, autocast, bf16, other devices and
-    more rows take `F.linear`; under torch.compile the oneDNN call is the opaque op `onednn_linear`."""
+    A decoding step reads every weight once, so its speed is the rate weights are read at. For a few
+    rows, MKL's gemm behind `F.linear` (and so behind transformers) leaves a weight with fewer
+    outputs than inputs on one core, and reads the others well below the memory's rate; the blocks
+    of a `bmm` run on all threads. Training, autocast, bf16, other devices and a prefill take
+    `F.linear`; under torch.compile the blocked product is the opaque op `row_block_linear_op`."""
 
-    max_rows = 32  # measured on small's weights: oneDNN 1.4-1.6x faster at 1-4 rows, 1.07x at 32, 0.96x at 128
-    min_onednn = 2**19  # elements: small's qkv (553k) and up; not micro's qkv and gate_up (131k, 360k)
+    max_rows = 32  # measured on small's weights (bench/matvec.py): faster up to 32 rows, level at 128
 
-    def picks_onednn(self, x: torch.Tensor) -> bool:
+    def decodes(self, x: torch.Tensor) -> bool:
+        """Whether the product with x is a decoding step's, which goes through `row_block_linear`."""
         w = self.weight
         return (
-            w.size(0) > w.size(1) and w.numel() >= self.min_onednn and x.dtype == torch.float32
-            and w.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and x.numel() <= self.max_rows * x.size(-1) and ONEDNN and w.is_contiguous()
-            and not torch.is_autocast_enabled("cpu")
+            x.numel() <= self.max_rows * x.size(-1) and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and w.is_contiguous()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.picks_onednn(x):
+        if not self.decodes(x):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            return onednn_linear(x, self.weight, self.bias)
-        return onednn_inner_product(x, self.weight, self.bias)
+            return row_block_linear_op(x, self.weight, self.bias)
+        return row_block_linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
