@@ -166,7 +166,7 @@ def wandb_offline_record(run_dir: Path, keys: tuple[bytes, ...], wait_s: int = 3
 
 
 def op_calls(fn) -> dict[str, int]:
-    """How many times each operator (e.g. "mkldnn::_linear_pointwise") ran during fn(), by the profiler."""
+    """How many times each operator (e.g. "aten::bmm") ran during fn(), by the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return {e.key: e.count for e in prof.key_averages()}
