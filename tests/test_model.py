@@ -68,7 +68,9 @@ def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_result
     torch.manual_seed(0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # the block count follows the threads
     narrow, wide, odd = Linear(40, 24, bias=True), Linear(24, 40, bias=False), Linear(24, 42, bias=False)
+    narrow_bf16 = Linear(40, 24, bias=True).bfloat16()
     few, many = torch.randn(2, 3, 40), torch.randn(4, 9, 40)  # 6 rows and 36 rows (max_rows is 32)
+    few_wide = torch.randn(2, 3, 24)
     bmm = "aten::bmm"
     with torch.inference_mode():
         calls = op_calls(lambda: narrow(few))
@@ -79,18 +81,17 @@ def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_result
         torch.testing.assert_close(wide(x), F.linear(x, wide.weight), atol=1e-6, rtol=1e-6)
         assert odd.decodes(x) and bmm not in op_calls(lambda: odd(x))  # 42 rows: no 4 equal blocks
         assert bmm not in op_calls(lambda: narrow(many))  # a prefill: gemm
-        assert bmm not in op_calls(lambda: narrow.bfloat16()(few.bfloat16()))
-        narrow.float()
+        assert bmm not in op_calls(lambda: narrow_bf16(few.bfloat16()))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert bmm not in op_calls(lambda: narrow(few))
             assert narrow(few).dtype == torch.bfloat16  # autocast still applies
         monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
         assert bmm not in op_calls(lambda: narrow(few))  # one thread: nothing to spread the blocks over
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    y = wide(few[..., :24])  # training: autograd through F.linear
-    assert bmm not in op_calls(lambda: wide(few[..., :24])) and y.requires_grad
+    y = wide(few_wide)  # training: autograd through F.linear
+    assert bmm not in op_calls(lambda: wide(few_wide)) and y.requires_grad
     y.sum().backward()
-    torch.testing.assert_close(wide.weight.grad, few[..., :24].reshape(-1, 24).sum(0).expand(40, 24))
+    torch.testing.assert_close(wide.weight.grad, few_wide.reshape(-1, 24).sum(0).expand(40, 24))
 
 
 def test_greedy_generate_matches_argmax_of_full_forward():

@@ -18,7 +18,6 @@ conditioning, larger values push the output further towards what the control sig
 import functools
 import logging
 import queue
-import sys
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
