@@ -4,16 +4,19 @@
 
 Decoding at batch B multiplies B rows by every weight of the model once per token, so its speed is
 the rate the kernel reads weights at. For each distinct linear-layer shape of each model
-(conf/model/<name>.yaml, vocabulary 8192), the script times three kernels on one input of `rows`
+(conf/model/<name>.yaml, vocabulary 8192), the script times four kernels on one input of `rows`
 rows against enough distinct copies of the weight to fill 128 MB, so that every weight comes from
 memory as it does in decoding (a single weight would sit in the cache):
 - `F.linear`, MKL's gemm, which transformers uses;
-- `slimpajama.model.row_block_linear`, one `bmm` over a block of output rows per thread, which
-  `Linear` uses for at most `Linear.max_rows` rows;
+- `slimpajama.model.row_block_linear` over the transposed view of the weight's row blocks
+  (`row_blocks`): one `bmm`, a block of output rows per thread;
+- the same over a contiguous copy of those blocks, which `Linear.prepare_decoding` keeps for a wide
+  weight (more outputs per block than inputs) and one-row products read;
 - oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`, what inductor emits for a CPU
   linear), for reference.
-It reports GB/s of weight read and the row-block / F.linear speed ratio. Alternating kernels, best
-of 7 rounds. All three give the same products to float32 rounding (checked).
+It reports GB/s of weight read, the ratios of the row-block kernels to F.linear, and which kernel
+`Linear` picks for that shape and row count. Kernels take turns round by round, best of 7 rounds.
+All four give the same products to float32 rounding (checked).
 """
 
 import argparse
@@ -30,25 +33,44 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import load_config  # noqa: E402
 
-from slimpajama.model import Linear, Transformer, row_block_linear  # noqa: E402
+from slimpajama.model import Linear, Transformer, row_block_linear, row_blocks  # noqa: E402
 
 
 def onednn(x, weight):
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-def seconds_per_product(fns, x, weights, rounds: int = 7) -> dict:
-    """The best time of each kernel in fns for one product, the kernels taking turns round by round."""
-    best = dict.fromkeys(fns, float("inf"))
-    for fn in fns:
-        fn(x, weights[0])
-    for _ in range(rounds):
-        for fn in fns:
+ROUNDS = 7
+
+
+def blocked(x, weight_and_blocks):
+    weight, blocks = weight_and_blocks
+    return row_block_linear(x, weight, blocks=blocks)
+
+
+def seconds_per_product(kernels: dict, x) -> dict:
+    """The best time of one product for each kernel, given as name: (fn, its operand for each weight
+    of the pool), the kernels taking turns round by round."""
+    best = dict.fromkeys(kernels, float("inf"))
+    for fn, operands in kernels.values():
+        fn(x, operands[0])
+    for _ in range(ROUNDS):
+        for name, (fn, operands) in kernels.items():
             t = time.perf_counter()
-            for w in weights:
+            for w in operands:
                 fn(x, w)
-            best[fn] = min(best[fn], (time.perf_counter() - t) / len(weights))
+            best[name] = min(best[name], (time.perf_counter() - t) / len(operands))
     return best
+
+
+def picked(weight: torch.Tensor, x: torch.Tensor) -> str:
+    """The kernel `Linear` runs for x with this weight during decoding (after `setup_kv_cache`)."""
+    linear = Linear(weight.size(1), weight.size(0), bias=False)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    linear.prepare_decoding()
+    if not linear.decodes(x) or linear.decode_blocks is None:
+        return "F.linear"
+    return "blocks, copy" if x.numel() == x.size(-1) and linear.decode_blocks.is_contiguous() else "blocks, view"
 
 
 def shapes(name: str, vocab_size: int) -> dict:
@@ -70,25 +92,35 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
-    print("| model | layer | weight (out x in) | MB | rows | F.linear GB/s | row blocks GB/s | oneDNN GB/s "
-          "| row blocks / F.linear | Linear uses |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | layer | weight (out x in) | MB | rows | F.linear GB/s | blocks, view GB/s | blocks, copy GB/s "
+          "| oneDNN GB/s | view / F.linear | copy / F.linear | Linear uses |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    n = torch.get_num_threads()
     with torch.inference_mode():
         for name in args.models:
             for (out, inp), layer in shapes(name, args.vocab_size).items():
                 mb = out * inp * 4 / 1e6
                 weights = [torch.randn(out, inp) * 0.02 for _ in range(max(4, int(args.pool_mb / mb)))]
+                views = [row_blocks(w, n) for w in weights]
+                if views[0] is None:
+                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | - | {n} threads do not divide {out} rows |")
+                    continue
+                kernels = {
+                    "F.linear": (F.linear, weights),
+                    "view": (blocked, list(zip(weights, views))),
+                    "copy": (blocked, [(w, v.contiguous()) for w, v in zip(weights, views)]),
+                    "oneDNN": (onednn, weights),
+                }
                 for rows in args.rows:
                     x = torch.randn(1, rows, inp)
-                    for fn in (onednn, row_block_linear):
-                        torch.testing.assert_close(fn(x, weights[0]), F.linear(x, weights[0]), rtol=1e-4, atol=1e-5)
-                    seconds = seconds_per_product((F.linear, row_block_linear, onednn), x, weights)
-                    mkl, blocks, dnn = (mb / 1e3 / seconds[fn] for fn in (F.linear, row_block_linear, onednn))
-                    linear = Linear(inp, out, bias=False)
-                    linear.weight = torch.nn.Parameter(weights[0], requires_grad=False)
-                    uses = "row blocks" if linear.decodes(x) else "F.linear"
-                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | {rows} | {mkl:.1f} | {blocks:.1f} | {dnn:.1f} "
-                          f"| {blocks / mkl:.2f}x | {uses} |", flush=True)
+                    expected = F.linear(x, weights[0])
+                    for fn, operands in kernels.values():
+                        torch.testing.assert_close(fn(x, operands[0]), expected, rtol=1e-4, atol=1e-5)
+                    rate = {k: mb / 1e3 / s for k, s in seconds_per_product(kernels, x).items()}
+                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | {rows} | {rate['F.linear']:.1f} "
+                          f"| {rate['view']:.1f} | {rate['copy']:.1f} | {rate['oneDNN']:.1f} "
+                          f"| {rate['view'] / rate['F.linear']:.2f}x | {rate['copy'] / rate['F.linear']:.2f}x "
+                          f"| {picked(weights[0], x)} |", flush=True)
 
 
 if __name__ == "__main__":

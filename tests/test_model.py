@@ -94,6 +94,31 @@ def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_result
     torch.testing.assert_close(wide.weight.grad, few_wide.reshape(-1, 24).sum(0).expand(40, 24))
 
 
+def test_setup_kv_cache_gives_one_row_products_a_contiguous_copy_of_each_wide_weights_row_blocks(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model = SlimPajamaModel(tiny(vocab_size=96)).eval()  # per block of 2: gate_up 64 x 32 and head 48 x 32 are wide
+    layer = model.layers[0]
+    gate_up, qkv = layer.mlp.gate_up, layer.self_attn.qkv  # qkv: 32 outputs per block for 32 inputs
+    model.setup_kv_cache(batch_size=1, max_seq_len=16)
+    copies = [gate_up.decode_blocks, model.lm_head.decode_blocks]
+    assert [tuple(c.shape) for c in copies] == [(2, 32, 64), (2, 32, 48)]
+    assert all(c.is_contiguous() and c.untyped_storage().data_ptr() != model.lm_head.weight.untyped_storage().data_ptr()
+               and c.untyped_storage().data_ptr() != gate_up.weight.untyped_storage().data_ptr() for c in copies)
+    assert qkv.decode_blocks.data_ptr() == qkv.weight.data_ptr() and not qkv.decode_blocks.is_contiguous()  # a view
+    one, three = torch.randn(1, 1, 32), torch.randn(1, 3, 32)
+    with torch.inference_mode():
+        for linear in (gate_up, qkv, model.lm_head):
+            for x in (one, three):
+                torch.testing.assert_close(linear(x), F.linear(x, linear.weight), atol=1e-6, rtol=1e-6)
+        gate_up.decode_blocks.zero_()  # only a one-row product reads the copy
+        assert gate_up(one).abs().max() == 0 and gate_up(three).abs().max() > 0
+    model.clear_kv_cache()
+    assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))
+    model.bfloat16().setup_kv_cache(batch_size=1, max_seq_len=16)  # bf16 weights take F.linear: nothing kept
+    assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))
+
+
 def test_greedy_generate_matches_argmax_of_full_forward():
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny()).eval()

@@ -121,18 +121,32 @@ class KVCache(nn.Module):
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
 
 
-def row_block_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) as one `bmm` over equal blocks of the weight's output rows, one block per
-    thread (views of the weight, no copy); `F.linear` with one thread or rows that do not divide.
-    Each output is the same dot product as in `F.linear`, so the results agree to float32 rounding
-    (without a bias, MKL's are equal)."""
+def row_blocks(weight: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """The weight (out, in) as n blocks of out / n output rows each, transposed: a (n, in, out / n)
+    view for `row_block_linear`; None when n < 2 or n does not divide out."""
     out_features, in_features = weight.shape
-    blocks = torch.get_num_threads()
-    if blocks < 2 or out_features % blocks:
-        return F.linear(x, weight, bias)
-    rows = x.reshape(1, -1, in_features).expand(blocks, -1, in_features)  # (blocks, n, in): all rows for each block
-    y = torch.bmm(rows, weight.view(blocks, out_features // blocks, in_features).transpose(1, 2))
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)  # (blocks, n, out / blocks) -> (..., out)
+    if n < 2 or out_features % n:
+        return None
+    return weight.view(n, out_features // n, in_features).transpose(1, 2)
+
+
+def row_block_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, blocks: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) as one `bmm` over blocks of the weight's output rows, one block per
+    thread: `blocks` (n, in, out / n) is `row_blocks(weight, n)` or a contiguous copy of it, by default
+    the view for `torch.get_num_threads()` blocks; `F.linear` with one thread or rows that do not divide.
+    Each output is the same dot product as in `F.linear`, so the results agree to float32 rounding
+    (without a bias and with the view, MKL's are equal)."""
+    if blocks is None:
+        blocks = row_blocks(weight, torch.get_num_threads())
+        if blocks is None:
+            return F.linear(x, weight, bias)
+    n, in_features, _ = blocks.shape
+    rows = x.reshape(1, -1, in_features).expand(n, -1, in_features)  # (n, rows, in): all rows for each block
+    y = torch.bmm(rows, blocks)  # (n, rows, out / n)
+    shape = (*x.shape[:-1], weight.size(0))
+    y = y.view(shape) if y.size(1) == 1 else y.transpose(0, 1).reshape(shape)  # one row: already in order
     return y if bias is None else y + bias
 
 
@@ -157,9 +171,16 @@ class Linear(nn.Linear):
     rows, MKL's gemm behind `F.linear` (and so behind transformers) leaves a weight with fewer
     outputs than inputs on one core, and reads the others well below the memory's rate; the blocks
     of a `bmm` run on all threads. Training, autocast, bf16, other devices and a prefill take
-    `F.linear`; under torch.compile the blocked product is the opaque op `row_block_linear_op`."""
+    `F.linear`; under torch.compile the blocked product is the opaque op `row_block_linear_op`.
+
+    For one row of input, a wide weight (more outputs per block than inputs: the MLP's gate/up, the
+    head) is read 1.4-2.4x faster from a contiguous copy of its blocks than through the transposed
+    view (bench/matvec.py). `prepare_decoding` keeps the blocks one-row products use: that copy for a
+    wide weight, the view for the others (a few ops less per product). `Transformer.setup_kv_cache`
+    calls it, and `clear_kv_cache` drops them."""
 
     max_rows = 32  # measured on small's weights (bench/matvec.py): faster up to 32 rows, level at 128
+    decode_blocks: Optional[torch.Tensor] = None  # set by prepare_decoding
 
     def decodes(self, x: torch.Tensor) -> bool:
         """Whether the product with x is a decoding step's, which goes through `row_block_linear`."""
@@ -170,12 +191,26 @@ class Linear(nn.Linear):
             and w.is_contiguous()
         )
 
+    def prepare_decoding(self, enable: bool = True) -> None:
+        """Keep the row blocks of a float32 CPU weight for one-row products, a contiguous copy if the
+        weight is wide (enable=False: drop them). A copy is taken now: like a KV cache, the blocks
+        assume the weight does not change until they are dropped."""
+        self.decode_blocks = None
+        w = self.weight
+        if not enable or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+            return
+        blocks = row_blocks(w.detach(), torch.get_num_threads())
+        if blocks is not None and blocks.size(2) > blocks.size(1):
+            blocks = blocks.contiguous()
+        self.decode_blocks = blocks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.decodes(x):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             return row_block_linear_op(x, self.weight, self.bias)
-        return row_block_linear(x, self.weight, self.bias)
+        one_row = x.numel() == x.size(-1)  # more rows read the view as fast (bench/matvec.py)
+        return row_block_linear(x, self.weight, self.bias, self.decode_blocks if one_row else None)
 
 
 class Attention(nn.Module):
@@ -274,6 +309,8 @@ class Transformer(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None):
+        """Preallocate every block's KV cache and keep each linear layer's row blocks for decoding
+        (`Linear.prepare_decoding`); both hold until `clear_kv_cache`, for weights that do not change."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.cos.size(0):
             raise ValueError(f"KV cache of {max_seq_len} positions exceeds model.max_seq_len={self.cos.size(0)}")
@@ -282,10 +319,16 @@ class Transformer(nn.Module):
             block.self_attn.kv_cache = KVCache(
                 batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim, dtype or p.dtype, p.device
             )
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_decoding()
 
     def clear_kv_cache(self):
         for block in self.layers:
             block.self_attn.kv_cache = None
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_decoding(enable=False)
 
     def forward(
         self,
