@@ -115,6 +115,10 @@ def test_setup_kv_cache_gives_one_row_products_a_contiguous_copy_of_each_wide_we
         assert gate_up(one).abs().max() == 0 and gate_up(three).abs().max() > 0
     model.clear_kv_cache()
     assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))
+    monkeypatch.setattr(Linear, "copy_wide", False)  # views only
+    model.setup_kv_cache(batch_size=1, max_seq_len=16)
+    assert gate_up.decode_blocks.data_ptr() == gate_up.weight.data_ptr() and not gate_up.decode_blocks.is_contiguous()
+    model.clear_kv_cache()
     model.bfloat16().setup_kv_cache(batch_size=1, max_seq_len=16)  # bf16 weights take F.linear: nothing kept
     assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))
 

@@ -177,9 +177,11 @@ class Linear(nn.Linear):
     head) is read 1.4-2.4x faster from a contiguous copy of its blocks than through the transposed
     view (bench/matvec.py). `prepare_decoding` keeps the blocks one-row products use: that copy for a
     wide weight, the view for the others (a few ops less per product). `Transformer.setup_kv_cache`
-    calls it, and `clear_kv_cache` drops them."""
+    calls it, and `clear_kv_cache` drops them. The copies hold about half a Llama's weights again
+    (gate/up and the head) while they are kept; `Linear.copy_wide = False` keeps views only."""
 
     max_rows = 32  # measured on small's weights (bench/matvec.py): faster up to 32 rows, level at 128
+    copy_wide = True  # prepare_decoding copies a wide weight's blocks
     decode_blocks: Optional[torch.Tensor] = None  # set by prepare_decoding
 
     def decodes(self, x: torch.Tensor) -> bool:
@@ -200,7 +202,7 @@ class Linear(nn.Linear):
         if not enable or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
             return
         blocks = row_blocks(w.detach(), torch.get_num_threads())
-        if blocks is not None and blocks.size(2) > blocks.size(1):
+        if blocks is not None and self.copy_wide and blocks.size(2) > blocks.size(1):
             blocks = blocks.contiguous()
         self.decode_blocks = blocks
 
@@ -209,7 +211,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             return row_block_linear_op(x, self.weight, self.bias)
-        one_row = x.numel() == x.size(-1)  # more rows read the view as fast (bench/matvec.py)
+        one_row = x.numel() == x.size(-1)  # for more rows the copy is no faster (bench/matvec.py)
         return row_block_linear(x, self.weight, self.bias, self.decode_blocks if one_row else None)
 
 
