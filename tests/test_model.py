@@ -97,15 +97,16 @@ def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_result
 def test_setup_kv_cache_gives_one_row_products_a_contiguous_copy_of_each_wide_weights_row_blocks(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    model = SlimPajamaModel(tiny(vocab_size=96)).eval()  # per block of 2: gate_up 64 x 32 and head 48 x 32 are wide
+    model = SlimPajamaModel(tiny(vocab_size=96)).eval()  # blocks of 2: gate_up 64 x 32, head 48 x 32 (wide)
     layer = model.layers[0]
     gate_up, qkv = layer.mlp.gate_up, layer.self_attn.qkv  # qkv: 32 outputs per block for 32 inputs
     model.setup_kv_cache(batch_size=1, max_seq_len=16)
-    copies = [gate_up.decode_blocks, model.lm_head.decode_blocks]
-    assert [tuple(c.shape) for c in copies] == [(2, 32, 64), (2, 32, 48)]
-    assert all(c.is_contiguous() and c.untyped_storage().data_ptr() != model.lm_head.weight.untyped_storage().data_ptr()
-               and c.untyped_storage().data_ptr() != gate_up.weight.untyped_storage().data_ptr() for c in copies)
-    assert qkv.decode_blocks.data_ptr() == qkv.weight.data_ptr() and not qkv.decode_blocks.is_contiguous()  # a view
+    assert (gate_up.decode_blocks.shape, model.lm_head.decode_blocks.shape) == ((2, 32, 64), (2, 32, 48))
+    for linear in (gate_up, model.lm_head):  # a contiguous copy of its own
+        blocks, storage = linear.decode_blocks, linear.weight.untyped_storage()
+        assert blocks.is_contiguous() and blocks.untyped_storage().data_ptr() != storage.data_ptr()
+    view = qkv.decode_blocks
+    assert view.data_ptr() == qkv.weight.data_ptr() and not view.is_contiguous()
     one, three = torch.randn(1, 1, 32), torch.randn(1, 3, 32)
     with torch.inference_mode():
         for linear in (gate_up, qkv, model.lm_head):

@@ -131,7 +131,10 @@ def row_blocks(weight: torch.Tensor, n: int) -> Optional[torch.Tensor]:
 
 
 def row_block_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, blocks: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    blocks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) as one `bmm` over blocks of the weight's output rows, one block per
     thread: `blocks` (n, in, out / n) is `row_blocks(weight, n)` or a contiguous copy of it, by default
