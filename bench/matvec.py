@@ -70,7 +70,8 @@ def picked(weight: torch.Tensor, x: torch.Tensor) -> str:
     linear.prepare_decoding()
     if not linear.decodes(x) or linear.decode_blocks is None:
         return "F.linear"
-    return "blocks, copy" if x.numel() == x.size(-1) and linear.decode_blocks.is_contiguous() else "blocks, view"
+    one_row = x.numel() == x.size(-1)
+    return "blocks, copy" if one_row and linear.decode_blocks.is_contiguous() else "blocks, view"
 
 
 def shapes(name: str, vocab_size: int) -> dict:
@@ -92,8 +93,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
-    print("| model | layer | weight (out x in) | MB | rows | F.linear GB/s | blocks, view GB/s | blocks, copy GB/s "
-          "| oneDNN GB/s | view / F.linear | copy / F.linear | Linear uses |")
+    print("| model | layer | weight (out x in) | MB | rows | F.linear GB/s | blocks, view GB/s "
+          "| blocks, copy GB/s | oneDNN GB/s | view / F.linear | copy / F.linear | Linear uses |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     n = torch.get_num_threads()
     with torch.inference_mode():
@@ -103,7 +104,8 @@ def main(argv=None):
                 weights = [torch.randn(out, inp) * 0.02 for _ in range(max(4, int(args.pool_mb / mb)))]
                 views = [row_blocks(w, n) for w in weights]
                 if views[0] is None:
-                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | - | {n} blocks do not divide {out} |")
+                    skipped = f"{n} blocks do not divide {out} rows"
+                    print(f"| {name} | {layer} | {out} x {inp} | {mb:.1f} | - | {skipped} |")
                     continue
                 kernels = {
                     "F.linear": (F.linear, weights),

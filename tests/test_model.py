@@ -75,7 +75,8 @@ def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_result
     with torch.inference_mode():
         calls = op_calls(lambda: narrow(few))
         assert calls.get(bmm) == 1 and "aten::mm" not in calls and "aten::addmm" not in calls
-        torch.testing.assert_close(narrow(few), F.linear(few, narrow.weight, narrow.bias), atol=1e-6, rtol=1e-6)
+        expected = F.linear(few, narrow.weight, narrow.bias)
+        torch.testing.assert_close(narrow(few), expected, atol=1e-6, rtol=1e-6)
         x = torch.randn(1, 1, 24)
         assert narrow.decodes(few) and wide.decodes(x) and not narrow.decodes(many)
         torch.testing.assert_close(wide(x), F.linear(x, wide.weight), atol=1e-6, rtol=1e-6)
@@ -118,7 +119,8 @@ def test_setup_kv_cache_gives_one_row_products_a_contiguous_copy_of_each_wide_we
     assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))
     monkeypatch.setattr(Linear, "copy_wide", False)  # views only
     model.setup_kv_cache(batch_size=1, max_seq_len=16)
-    assert gate_up.decode_blocks.data_ptr() == gate_up.weight.data_ptr() and not gate_up.decode_blocks.is_contiguous()
+    view = gate_up.decode_blocks
+    assert view.data_ptr() == gate_up.weight.data_ptr() and not view.is_contiguous()
     model.clear_kv_cache()
     model.bfloat16().setup_kv_cache(batch_size=1, max_seq_len=16)  # bf16 weights take F.linear: nothing kept
     assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))

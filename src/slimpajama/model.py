@@ -154,7 +154,9 @@ def row_block_linear(
 
 
 @torch.library.custom_op("slimpajama::row_block_linear", mutates_args=())
-def row_block_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def row_block_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """`row_block_linear` as one opaque op for torch.compile: the thread count is read when the step
     runs (dynamo cannot trace `torch.get_num_threads`), and inductor calls the op as it is."""
     return row_block_linear(x, weight, bias)
@@ -192,8 +194,8 @@ class Linear(nn.Linear):
         w = self.weight
         return (
             x.numel() <= self.max_rows * x.size(-1) and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and w.is_contiguous()
+            and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and w.is_contiguous()
         )
 
     def prepare_decoding(self, enable: bool = True) -> None:
@@ -324,16 +326,17 @@ class Transformer(nn.Module):
             block.self_attn.kv_cache = KVCache(
                 batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim, dtype or p.dtype, p.device
             )
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepare_decoding()
+        self._prepare_decoding(True)
 
     def clear_kv_cache(self):
         for block in self.layers:
             block.self_attn.kv_cache = None
+        self._prepare_decoding(False)
+
+    def _prepare_decoding(self, enable: bool):
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare_decoding(enable=False)
+                module.prepare_decoding(enable)
 
     def forward(
         self,
