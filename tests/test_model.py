@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import op_calls
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama.model import Linear, apply_rope
+from slimpajama.model import Linear, RMSNorm, apply_rope
 
 
 def tiny(**kw) -> SlimPajamaConfig:
@@ -124,6 +124,39 @@ def test_setup_kv_cache_gives_one_row_products_a_contiguous_copy_of_each_wide_we
     model.clear_kv_cache()
     model.bfloat16().setup_kv_cache(batch_size=1, max_seq_len=16)  # bf16 weights take F.linear: nothing kept
     assert all(m.decode_blocks is None for m in model.modules() if isinstance(m, Linear))
+
+
+def llama_rms_norm(x, weight, eps):
+    """Hugging Face Llama's RMSNorm, written out."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_setup_kv_cache_gives_each_norm_a_three_op_pair_form_with_llamas_values():
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    norm = model.layers[0].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model.setup_kv_cache(batch_size=1, max_seq_len=16)
+    assert torch.equal(norm.pair_weight, torch.stack([norm.weight, norm.weight]))
+    # decoding rows, large and at the embeddings' scale (where eps matters); 40 rows are a prefill
+    rows = [torch.randn(1, 1, 32) * 3, torch.randn(3, 1, 32) * 0.003, torch.randn(1, 40, 32)]
+    with torch.inference_mode():
+        for x in rows:
+            expected = llama_rms_norm(x, norm.weight, norm.eps)
+            torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-5)
+        calls = op_calls(lambda: norm(rows[0]))
+        assert calls.get("aten::layer_norm") == 1 and "aten::rms_norm" not in calls
+        assert calls.get("aten::mul") == 1 and "aten::pow" not in calls
+        assert "aten::layer_norm" not in op_calls(lambda: norm(rows[2]))  # a prefill keeps F.rms_norm
+    x = rows[0].requires_grad_()
+    assert "aten::layer_norm" not in op_calls(lambda: norm(x))  # training keeps F.rms_norm
+    model.clear_kv_cache()
+    assert all(n.pair_weight is None for n in model.modules() if isinstance(n, RMSNorm))
+    with torch.inference_mode():
+        assert "aten::layer_norm" not in op_calls(lambda: norm(rows[0]))
+    model.bfloat16().setup_kv_cache(batch_size=1, max_seq_len=16)  # bf16: normalised in float32 as before
+    assert all(n.pair_weight is None for n in model.modules() if isinstance(n, RMSNorm))
 
 
 def test_greedy_generate_matches_argmax_of_full_forward():

@@ -402,6 +402,7 @@ def generate(
         model.setup_kv_cache(B, limit if compile else total)
     try:
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        some_done = False  # whether a row has finished, read with the all-done test (no extra sync)
         logits = forward(0, T)  # the prefill
         for pos in range(T, total):
             if guided:  # rows n_rows.. are the unconditional twins of rows ..n_rows
@@ -412,7 +413,8 @@ def generate(
             if no_repeat_ngram_size > 0:
                 logits = no_repeat_ngram_(logits.float(), out[:n_rows, :pos], no_repeat_ngram_size)
             nxt = sample_next(logits, temperature, top_k, top_p, min_p, do_sample, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            if some_done:
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, pos] = nxt.repeat(2) if guided else nxt  # both twins continue with the same token
             if streamer is not None:
                 streamer.put(nxt.cpu())
@@ -420,7 +422,12 @@ def generate(
                 done |= torch.isin(nxt, eos_t)
             if stops is not None:
                 done |= stops(out[:n_rows, T : pos + 1])
-            if bool(done.all()) or pos + 1 == total:
+            if eos_t is not None or stops is not None:
+                n_done = int(done.sum())
+                some_done = n_done > 0
+                if n_done == n_rows:
+                    return out[:n_rows, : pos + 1]
+            if pos + 1 == total:
                 return out[:n_rows, : pos + 1]
             logits = forward(pos if use_cache else 0, pos + 1)  # one position per step with the cache
         return out[:n_rows]

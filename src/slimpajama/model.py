@@ -64,14 +64,49 @@ class SlimPajamaConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+DECODE_MAX_ROWS = 32  # measured on small's weights (bench/matvec.py): faster up to 32 rows, level at 128
+
+
+def decoding_step(x: torch.Tensor, max_rows: int = DECODE_MAX_ROWS) -> bool:
+    """Whether x is the input of a decoding step's layer: float32 inference on a CPU with at most
+    `max_rows` rows, where a small model's step costs its number of ops more than its arithmetic."""
+    return (
+        x.numel() <= max_rows * x.size(-1) and x.dtype == torch.float32 and x.device.type == "cpu"
+        and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    )
+
+
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, in float32.
+
+    A CPU has no fused kernel for it: `F.rms_norm` runs about 12 ops there (powers, a mean, casts),
+    and in a small model's decoding step every op counts (docs/benchmarks.md). So a decoding step
+    (after `prepare_decoding`, which `Transformer.setup_kv_cache` calls) takes 3: the pair (x, -x)
+    in one product, then `layer_norm` over the pair, whose mean is zero, so that its variance is
+    x's mean square, and the first of the two halves (a view)."""
+
+    pair_weight: Optional[torch.Tensor] = None  # (2, dim): the weight twice, set by prepare_decoding
+    pair_signs: Optional[torch.Tensor] = None  # (2, 1): 1 and -1
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def prepare_decoding(self, enable: bool = True) -> None:
+        """Keep the weight twice for the pair form of a float32 CPU weight (enable=False: drop it);
+        like a KV cache it assumes the weight does not change until it is dropped."""
+        self.pair_weight = self.pair_signs = None
+        w = self.weight
+        if enable and w.dtype == torch.float32 and w.device.type == "cpu":
+            self.pair_weight = w.detach().expand(2, -1).contiguous()
+            self.pair_signs = torch.tensor([[1.0], [-1.0]])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same maths in one call, without the no-op casts (decoding is op-bound)
+        if self.pair_weight is not None and decoding_step(x) and not torch.compiler.is_compiling():
+            pair = x.unsqueeze(-2) * self.pair_signs  # (..., 2, dim): x and -x
+            return F.layer_norm(pair, self.pair_weight.shape, self.pair_weight, None, self.eps).select(-2, 0)
+        if x.dtype == torch.float32:  # the same maths in one call, without the no-op casts
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()  # normalise in float32, as Llama does
@@ -98,7 +133,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Llama's rotation x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1);
     with `rope_cache`'s signed sin that is x * cos + (x2, x1) * sin.
     x: (B, nh, T, hs); cos/sin: (T, hs) or (B, 1, T, hs)."""
-    out = x * cos + x.roll(x.size(-1) // 2, -1) * sin
+    out = torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -146,10 +181,12 @@ def row_block_linear(
         if blocks is None:
             return F.linear(x, weight, bias)
     n, in_features, _ = blocks.shape
-    rows = x.reshape(1, -1, in_features).expand(n, -1, in_features)  # (n, rows, in): all rows for each block
-    y = torch.bmm(rows, blocks)  # (n, rows, out / n)
     shape = (*x.shape[:-1], weight.size(0))
-    y = y.view(shape) if y.size(1) == 1 else y.transpose(0, 1).reshape(shape)  # one row: already in order
+    if x.numel() == in_features:  # one row (leading sizes all 1): the blocks' outputs are in order
+        y = torch.bmm(x.expand(n, 1, in_features), blocks).view(shape)
+    else:  # every row for each block: (n, rows, in) @ (n, in, out / n), then (..., out)
+        rows = x.reshape(1, -1, in_features).expand(n, -1, in_features)
+        y = torch.bmm(rows, blocks).transpose(0, 1).reshape(shape)
     return y if bias is None else y + bias
 
 
@@ -185,18 +222,14 @@ class Linear(nn.Linear):
     calls it, and `clear_kv_cache` drops them. The copies hold about half a Llama's weights again
     (gate/up and the head) while they are kept; `Linear.copy_wide = False` keeps views only."""
 
-    max_rows = 32  # measured on small's weights (bench/matvec.py): faster up to 32 rows, level at 128
+    max_rows = DECODE_MAX_ROWS
     copy_wide = True  # prepare_decoding copies a wide weight's blocks
     decode_blocks: Optional[torch.Tensor] = None  # set by prepare_decoding
 
     def decodes(self, x: torch.Tensor) -> bool:
         """Whether the product with x is a decoding step's, which goes through `row_block_linear`."""
         w = self.weight
-        return (
-            x.numel() <= self.max_rows * x.size(-1) and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and w.is_contiguous()
-        )
+        return decoding_step(x, self.max_rows) and w.dtype == torch.float32 and w.is_contiguous()
 
     def prepare_decoding(self, enable: bool = True) -> None:
         """Keep the row blocks of a float32 CPU weight for one-row products, a contiguous copy if the
@@ -258,8 +291,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.d_model, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up(x)
+        n = gate_up.size(-1) // 2
+        return self.down_proj(F.silu(gate_up[..., :n]) * gate_up[..., n:])
 
 
 class Block(nn.Module):
@@ -316,8 +350,9 @@ class Transformer(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None):
-        """Preallocate every block's KV cache and keep each linear layer's row blocks for decoding
-        (`Linear.prepare_decoding`); both hold until `clear_kv_cache`, for weights that do not change."""
+        """Preallocate every block's KV cache and keep what decoding steps use: each linear layer's
+        row blocks (`Linear.prepare_decoding`) and each norm's pair weight (`RMSNorm.prepare_decoding`);
+        all hold until `clear_kv_cache`, for weights that do not change."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.cos.size(0):
             raise ValueError(f"KV cache of {max_seq_len} positions exceeds model.max_seq_len={self.cos.size(0)}")
@@ -335,7 +370,7 @@ class Transformer(nn.Module):
 
     def _prepare_decoding(self, enable: bool):
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, RMSNorm)):
                 module.prepare_decoding(enable)
 
     def forward(
