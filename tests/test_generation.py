@@ -132,7 +132,7 @@ def test_compiled_decoding_gives_eager_outputs_from_one_graph_for_every_step_and
 
     def blocked_products(n: int) -> int:
         calls = op_calls(lambda: greedy(model, ids, n=n, attention_mask=mask, compile=True))
-        return calls.get("slimpajama::row_block_linear", 0)
+        return calls.get("slimpajama::row_block_linear_kept", 0)
 
     # 4 more compiled steps: 4 x (4 products in each of the blocks, and the head) through the opaque op
     assert blocked_products(8) - blocked_products(4) == 4 * (4 * model.config.n_layer + 1)
@@ -141,6 +141,38 @@ def test_compiled_decoding_gives_eager_outputs_from_one_graph_for_every_step_and
     # which dynamo may specialise)
     for prompt in (ids[:1], ids[:1, -1:], ids[:2, -1:]):
         assert torch.equal(greedy(model, prompt, n=20, compile=True), greedy(model, prompt, n=20))
+
+
+def test_compiled_one_row_steps_read_the_kept_blocks_from_one_graph_across_calls(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from slimpajama.model import Linear
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # blocks of 2, whatever the machine has
+    model = SlimPajamaModel(tiny()).eval()
+    ids = torch.randint(4, VOCAB, (1, 9))
+    torch._dynamo.reset()
+    counters.clear()
+    # each call keeps new blocks (copies for the wide weights): the same graph reads them
+    for n in (10, 14):
+        assert torch.equal(greedy(model, ids, n=n, compile=True), greedy(model, ids, n=n))
+    assert counters["stats"]["unique_graphs"] == 1
+    prepare = Linear.prepare_decoding
+
+    def negated_head(self, enable=True):  # the head's copy negated: greedy picks the argmin
+        prepare(self, enable)
+        if enable and self is model.lm_head:
+            assert self.decode_blocks.is_contiguous()
+            self.decode_blocks = -self.decode_blocks
+
+    monkeypatch.setattr(Linear, "prepare_decoding", negated_head)
+    eager, compiled = greedy(model, ids, n=6), greedy(model, ids, n=6, compile=True)
+    with torch.inference_mode():
+        logits = model(ids)[0, -1]  # no kept blocks here: the weight itself
+    assert eager[0, 9] == logits.argmin() != logits.argmax()  # eager one-row products read the copy
+    assert torch.equal(compiled, eager)  # and so do the compiled steps
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_compiled_decoding_without_a_cpp_compiler_warns_and_decodes_eagerly(model, monkeypatch, caplog):

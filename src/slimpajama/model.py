@@ -190,17 +190,23 @@ def row_block_linear(
     return y if bias is None else y + bias
 
 
-@torch.library.custom_op("slimpajama::row_block_linear", mutates_args=())
+# named apart from the earlier 3-argument `slimpajama::row_block_linear`, whose kernels inductor's
+# on-disk cache may still hold: a cached graph calling it with the old arguments would crash
+@torch.library.custom_op("slimpajama::row_block_linear_kept", mutates_args=())
 def row_block_linear_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    blocks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`row_block_linear` as one opaque op for torch.compile: the thread count is read when the step
-    runs (dynamo cannot trace `torch.get_num_threads`), and inductor calls the op as it is."""
-    return row_block_linear(x, weight, bias)
+    runs (dynamo cannot trace `torch.get_num_threads`), and inductor calls the op as it is, with the
+    blocks `Linear.prepare_decoding` kept (graph inputs like the weights, not constants)."""
+    return row_block_linear(x, weight, bias, blocks)
 
 
 @row_block_linear_op.register_fake
-def _(x, weight, bias=None):
+def _(x, weight, bias=None, blocks=None):
     return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
@@ -213,7 +219,8 @@ class Linear(nn.Linear):
     rows, MKL's gemm behind `F.linear` (and so behind transformers) leaves a weight with fewer
     outputs than inputs on one core, and reads the others well below the memory's rate; the blocks
     of a `bmm` run on all threads. Training, autocast, bf16, other devices and a prefill take
-    `F.linear`; under torch.compile the blocked product is the opaque op `row_block_linear_op`.
+    `F.linear`; under torch.compile the blocked product is the opaque op `row_block_linear_op`, which
+    reads the same kept blocks.
 
     For one row of input, a wide weight (more outputs per block than inputs: the MLP's gate/up, the
     head) is read 1.4-2.4x faster from a contiguous copy of its blocks than through the transposed
@@ -247,10 +254,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.decodes(x):
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
-            return row_block_linear_op(x, self.weight, self.bias)
         one_row = x.numel() == x.size(-1)  # for more rows the copy is no faster (bench/matvec.py)
-        return row_block_linear(x, self.weight, self.bias, self.decode_blocks if one_row else None)
+        blocks = self.decode_blocks if one_row else None
+        if torch.compiler.is_compiling():
+            return row_block_linear_op(x, self.weight, self.bias, blocks)
+        return row_block_linear(x, self.weight, self.bias, blocks)
 
 
 class Attention(nn.Module):
