@@ -131,7 +131,7 @@ def llama_rms_norm(x, weight, eps):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def test_setup_kv_cache_gives_each_norm_a_three_op_pair_form_with_llamas_values():
+def test_setup_kv_cache_gives_each_norm_a_two_op_pair_form_with_llamas_values():
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny()).eval()
     norm = model.layers[0].post_attention_layernorm

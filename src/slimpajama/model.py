@@ -80,10 +80,10 @@ class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, in float32.
 
     A CPU has no fused kernel for it: `F.rms_norm` runs about 12 ops there (powers, a mean, casts),
-    and in a small model's decoding step every op counts (docs/benchmarks.md). So a decoding step
-    (after `prepare_decoding`, which `Transformer.setup_kv_cache` calls) takes 3: the pair (x, -x)
-    in one product, then `layer_norm` over the pair, whose mean is zero, so that its variance is
-    x's mean square, and the first of the two halves (a view)."""
+    and in a small model's decoding step every op counts (docs/benchmarks.md). So the rows of a
+    decoding step (`decoding_step`, after `prepare_decoding`, which `Transformer.setup_kv_cache`
+    calls) take 2 ops and 2 views: the pair (x, -x) in one product, then `layer_norm` over the pair,
+    whose mean is zero, so that its variance is x's mean square, and the pair's first half."""
 
     pair_weight: Optional[torch.Tensor] = None  # (2, dim): the weight twice, set by prepare_decoding
     pair_signs: Optional[torch.Tensor] = None  # (2, 1): 1 and -1
