@@ -102,7 +102,8 @@ def hot_and_cold(reps: int = 300) -> list[tuple[str, float, float]]:
     ops = {
         "x + x": lambda: x + x,
         "F.rms_norm": lambda: F.rms_norm(x, (d,), w, 1e-5),
-        "pair form (mul, layer_norm)": lambda: F.layer_norm(x.unsqueeze(-2) * signs, (2, d), pair_w, None, 1e-5),
+        "pair form (mul, layer_norm)": lambda: F.layer_norm(x.unsqueeze(-2) * signs, (2, d), pair_w, None,
+                                                            1e-5),
         "F.linear 256 x 256": lambda: F.linear(x, weight),
     }
     rows = []
@@ -143,8 +144,8 @@ def main() -> None:
         print(f"\n{name}: {counter.n} ops per step, {ms:.2f} ms per step (parts timed in place)\n")
         print("| part | µs per step | calls per step | µs per call |\n|---|---|---|---|")
         for part in sorted(seconds, key=seconds.get, reverse=True):
-            per_step = seconds[part] / args.steps * 1e6
-            print(f"| {part} | {per_step:.0f} | {calls[part] // args.steps} | {per_step / (calls[part] / args.steps):.1f} |")
+            per_step, per_call = seconds[part] / args.steps * 1e6, seconds[part] / calls[part] * 1e6
+            print(f"| {part} | {per_step:.0f} | {calls[part] // args.steps} | {per_call:.1f} |")
         rest = ms * 1e3 - sum(seconds.values()) / args.steps * 1e6
         print(f"| rest (other ops, Python) | {rest:.0f} | | |")
         times = {True: [], False: []}
