@@ -3,12 +3,15 @@
     .venv/bin/python bench/decode_step.py --models micro small
 
 For each model (conf/model/<name>.yaml, vocabulary 8192, random weights, seed 0), after a 128-token
-prefill the script runs greedy one-token steps (forward over one position, head, argmax) and reports:
-- the ops dispatched per step (every aten call, views included) and the step time;
+prefill the script runs greedy one-token steps (`Transformer.decode_step`: forward over one position,
+head; then argmax) and reports:
+- the ops dispatched per step (every aten call, views included), through decode_step's own path and
+  through its fallback, `forward`; and the step time;
 - the time inside each kind of linear layer, the norms and attention, per step and per call, and the
   rest (the other ops and Python), timed in place with `perf_counter` around each call;
-- the step with `RMSNorm`'s pair form (what `setup_kv_cache` gives decoding) against `F.rms_norm`,
-  taking turns round by round: medians and the paired ratio.
+- the step through decode_step's own path against through `forward`, and with `RMSNorm`'s pair form
+  (what `setup_kv_cache` gives decoding) against `F.rms_norm`, each race taking turns round by round:
+  medians and the paired ratio.
 Then, for a few tiny ops at `micro`'s width, the median time of one call right after another (hot)
 against one call right after a 64 MB sweep has pushed its code and data out of the caches (cold), as
 happens to every op between a decoding step's weight reads.
@@ -44,22 +47,40 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def steps(model, prompt, n, pair=True, on_step=None) -> float:
-    """Milliseconds per greedy step over n steps after the prefill."""
-    with torch.inference_mode():
-        model.setup_kv_cache(prompt.size(0), prompt.size(1) + n + 1)
-        if not pair:
-            for norm in model.modules():
-                if isinstance(norm, M.RMSNorm):
-                    norm.prepare_decoding(False)
-        logits = model.lm_head(model(prompt, input_pos=0, apply_head=False)[:, -1])
-        start = time.perf_counter()
-        for pos in range(prompt.size(1), prompt.size(1) + n):
-            nxt = logits.argmax(-1, keepdim=True)
-            logits = model.lm_head(model(nxt, input_pos=pos, apply_head=False)[:, -1])
-        ms = (time.perf_counter() - start) / n * 1e3
-        model.clear_kv_cache()
+def rms_norm_decode(norm, x):
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+
+
+def steps(model, prompt, n, pair=True, own_path=True) -> float:
+    """Milliseconds per greedy step over n steps after the prefill: `decode_step` (own_path=False: its
+    fallback, lm_head(forward(...))); pair=False: norms through F.rms_norm instead of the pair form."""
+    decode = M.RMSNorm.decode
+    if not pair:
+        M.RMSNorm.decode = rms_norm_decode
+    try:
+        with torch.inference_mode():
+            model.setup_kv_cache(prompt.size(0), prompt.size(1) + n + 1)
+            model._decodes = own_path
+            logits = model.lm_head(model(prompt, input_pos=0, apply_head=False)[:, -1])
+            start = time.perf_counter()
+            for pos in range(prompt.size(1), prompt.size(1) + n):
+                nxt = logits.argmax(-1, keepdim=True)
+                logits = model.decode_step(nxt, pos)
+            ms = (time.perf_counter() - start) / n * 1e3
+            model.clear_kv_cache()
+    finally:
+        M.RMSNorm.decode = decode
     return ms
+
+
+def race(model, prompt, n, rounds, **variant) -> tuple[float, float, float]:
+    """Medians of `steps` as it is and with `variant`, taking turns round by round, and the paired ratio."""
+    times = {True: [], False: []}
+    for r in range(rounds):
+        for as_is in (True, False) if r % 2 == 0 else (False, True):
+            times[as_is].append(steps(model, prompt, n, **({} if as_is else variant)))
+    paired = statistics.median(a / b for a, b in zip(times[True], times[False]))
+    return statistics.median(times[True]), statistics.median(times[False]), paired
 
 
 def timed_parts(model, prompt, n) -> tuple[dict, dict, float]:
@@ -77,11 +98,11 @@ def timed_parts(model, prompt, n) -> tuple[dict, dict, float]:
             return out
         return call
 
-    originals[M.Linear] = M.Linear.forward
-    originals[M.RMSNorm] = M.RMSNorm.forward
+    originals[M.Linear] = M.Linear.decode
+    originals[M.RMSNorm] = M.RMSNorm.decode
     sdpa = M.F.scaled_dot_product_attention
-    M.Linear.forward = timed(lambda a: names[id(a[0])], M.Linear.forward)
-    M.RMSNorm.forward = timed(lambda a: "norms", M.RMSNorm.forward)
+    M.Linear.decode = timed(lambda a: names[id(a[0])], M.Linear.decode)
+    M.RMSNorm.decode = timed(lambda a: "norms", M.RMSNorm.decode)
     M.F.scaled_dot_product_attention = timed(lambda a: "attention (sdpa)", sdpa)
     try:
         steps(model, prompt, 10)  # warm-up
@@ -89,7 +110,7 @@ def timed_parts(model, prompt, n) -> tuple[dict, dict, float]:
         calls.clear()
         ms = steps(model, prompt, n)
     finally:
-        M.Linear.forward, M.RMSNorm.forward = originals[M.Linear], originals[M.RMSNorm]
+        M.Linear.decode, M.RMSNorm.decode = originals[M.Linear], originals[M.RMSNorm]
         M.F.scaled_dot_product_attention = sdpa
     return seconds, calls, ms
 
@@ -138,23 +159,25 @@ def main() -> None:
             model.setup_kv_cache(1, 130)
             model(prompt, input_pos=0, apply_head=False)
             with CountOps() as counter:
-                model.lm_head(model(prompt[:, :1], input_pos=128, apply_head=False)[:, -1]).argmax(-1)
+                model.decode_step(prompt[:, :1], 128).argmax(-1)
+            model._decodes = False
+            with CountOps() as through_forward:
+                model.decode_step(prompt[:, :1], 128).argmax(-1)
             model.clear_kv_cache()
         seconds, calls, ms = timed_parts(model, prompt, args.steps)
-        print(f"\n{name}: {counter.n} ops per step, {ms:.2f} ms per step (parts timed in place)\n")
+        print(f"\n{name}: {counter.n} ops per step ({through_forward.n} through forward), {ms:.2f} ms per step "
+              "(parts timed in place)\n")
         print("| part | µs per step | calls per step | µs per call |\n|---|---|---|---|")
         for part in sorted(seconds, key=seconds.get, reverse=True):
             per_step, per_call = seconds[part] / args.steps * 1e6, seconds[part] / calls[part] * 1e6
             print(f"| {part} | {per_step:.0f} | {calls[part] // args.steps} | {per_call:.1f} |")
         rest = ms * 1e3 - sum(seconds.values()) / args.steps * 1e6
         print(f"| rest (other ops, Python) | {rest:.0f} | | |")
-        times = {True: [], False: []}
-        for r in range(args.rounds):
-            for pair in (True, False) if r % 2 == 0 else (False, True):
-                times[pair].append(steps(model, prompt, args.steps, pair))
-        paired = statistics.median(a / b for a, b in zip(times[True], times[False]))
-        print(f"\nstep with the pair form {statistics.median(times[True]):.2f} ms, with F.rms_norm "
-              f"{statistics.median(times[False]):.2f} ms: {paired:.3f} paired ({args.rounds} rounds)")
+        own, through_forward, paired = race(model, prompt, args.steps, args.rounds, own_path=False)
+        print(f"\nstep through decode_step's own path {own:.2f} ms, through forward {through_forward:.2f} ms: "
+              f"{paired:.3f} paired ({args.rounds} rounds)")
+        pair, rms_norm, paired = race(model, prompt, args.steps, args.rounds, pair=False)
+        print(f"step with the pair form {pair:.2f} ms, with F.rms_norm {rms_norm:.2f} ms: {paired:.3f} paired")
     print("\n| op (width 256) | hot µs | after a 64 MB sweep µs |\n|---|---|---|")
     for op, hot, cold in hot_and_cold():
         print(f"| {op} | {hot:.1f} | {cold:.1f} |")

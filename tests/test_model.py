@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from conftest import op_calls
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama.model import Linear, RMSNorm, apply_rope
+from slimpajama.lora import apply_lora, merge_lora
+from slimpajama.model import Block, Linear, RMSNorm, apply_rope
 
 
 def tiny(**kw) -> SlimPajamaConfig:
@@ -62,6 +63,72 @@ def test_kv_cache_decoding_equals_full_forward(tie):
         steps.append(model(x[:, t : t + 1], input_pos=torch.tensor([t])))
     model.clear_kv_cache()
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def decode_steps(model, x, mask=None, prefill=9) -> torch.Tensor:
+    """Logits (B, T - prefill, V): a prefill of x[:, :prefill] (B, T), then decode_step at each later
+    position; mask: left padding, with the rotary positions generate would give."""
+    pos_ids = None if mask is None else (mask.cumsum(1) - 1).clamp(min=0)
+    at = (lambda a, b: None) if mask is None else (lambda a, b: pos_ids[:, a:b])
+    model.setup_kv_cache(batch_size=x.size(0), max_seq_len=x.size(1))
+    try:
+        with torch.inference_mode():
+            model(x[:, :prefill], input_pos=0, attention_mask=mask, position_ids=at(0, prefill))
+            steps = [model.decode_step(x[:, t : t + 1], t, attention_mask=mask, position_ids=at(t, t + 1))
+                     for t in range(prefill, x.size(1))]
+        return torch.stack(steps, 1)
+    finally:
+        model.clear_kv_cache()
+
+
+@pytest.mark.parametrize("cfg", [{}, {"n_kv_head": 4, "tie_embeddings": True}])
+def test_decode_step_takes_its_own_path_with_the_logits_of_forward(monkeypatch, cfg):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(**cfg)).eval()
+    x = torch.randint(4, 97, (3, 20))
+    mask = torch.ones_like(x)
+    mask[1, :4] = mask[2, :7] = 0  # left padding of 4 and 7 tokens
+    full = model(x)[:, 9:]
+    padded = model(x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))[:, 9:]
+    block_forwards = []
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a: block_forwards.append(1) or forward(self, *a))
+    torch.testing.assert_close(decode_steps(model, x), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_steps(model, x, mask), padded, atol=1e-5, rtol=1e-5)
+    assert len(block_forwards) == 2 * 2  # the two prefills' blocks: no step went through forward
+    assert not model._decodes  # clear_kv_cache ends the path
+    model.setup_kv_cache(batch_size=3, max_seq_len=20)
+    assert model._decodes
+    model.clear_kv_cache()
+
+
+def test_decode_step_falls_back_to_forward_for_what_its_path_does_not_cover(monkeypatch):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    x = torch.randint(4, 97, (2, 14))
+    full = model(x)[:, 9:]
+    block_forwards = []
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a: block_forwards.append(1) or forward(self, *a))
+    hook = model.layers[1].mlp.register_forward_hook(lambda *a: None)  # decode_step would skip the hook
+    torch.testing.assert_close(decode_steps(model, x), full, atol=1e-5, rtol=1e-5)
+    assert len(block_forwards) == 2 * 6  # the prefill and 5 steps, each through forward
+    hook.remove()
+    apply_lora(model, rank=2, targets=("qkv",))  # a module without `decode`
+    block_forwards.clear()
+    torch.testing.assert_close(decode_steps(model, x), full, atol=1e-5, rtol=1e-5)  # B starts at zero
+    assert len(block_forwards) == 2 * 6
+    merge_lora(model)
+    block_forwards.clear()
+    decode_steps(model, x)
+    assert len(block_forwards) == 2  # the prefill only
+    model.setup_kv_cache(batch_size=2, max_seq_len=14)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x[:, :9], input_pos=0)
+        block_forwards.clear()
+        model.decode_step(x[:, 9:10], 9)
+    assert len(block_forwards) == 2  # autocast: forward
+    model.clear_kv_cache()
 
 
 def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_results(monkeypatch):

@@ -390,8 +390,11 @@ def generate(
             kwargs["position_ids"] = position_ids[:, start:end]
         if not use_cache:
             return _last_logits(model, out[:, :end], None, **kwargs)
-        step = _compiled_last_logits() if compile and end - start == 1 else _last_logits
-        return step(model, out[:, start:end], start, **kwargs)
+        if end - start > 1:  # the prefill
+            return _last_logits(model, out[:, start:end], start, **kwargs)
+        if compile:
+            return _compiled_last_logits()(model, out[:, start:end], start, **kwargs)
+        return model.decode_step(out[:, start:end], start, **kwargs)
 
     was_training = model.training
     model.eval()

@@ -72,8 +72,12 @@ def decoding_step(x: torch.Tensor, max_rows: int = DECODE_MAX_ROWS) -> bool:
     `max_rows` rows, where a small model's step costs its number of ops more than its arithmetic."""
     return (
         x.numel() <= max_rows * x.size(-1) and x.dtype == torch.float32 and x.device.type == "cpu"
-        and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        and inference_without_autocast()
     )
+
+
+def inference_without_autocast() -> bool:
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
 
 
 class RMSNorm(nn.Module):
@@ -102,10 +106,14 @@ class RMSNorm(nn.Module):
             self.pair_weight = w.detach().expand(2, -1).contiguous()
             self.pair_signs = torch.tensor([[1.0], [-1.0]])
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The pair form, for the rows of a decoding step (the caller has checked `decoding_step`)."""
+        pair = x.unsqueeze(-2) * self.pair_signs  # (..., 2, dim): x and -x
+        return F.layer_norm(pair, self.pair_weight.shape, self.pair_weight, None, self.eps).select(-2, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pair_weight is not None and decoding_step(x) and not torch.compiler.is_compiling():
-            pair = x.unsqueeze(-2) * self.pair_signs  # (..., 2, dim): x and -x
-            return F.layer_norm(pair, self.pair_weight.shape, self.pair_weight, None, self.eps).select(-2, 0)
+            return self.decode(x)
         if x.dtype == torch.float32:  # the same maths in one call, without the no-op casts
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
@@ -232,6 +240,7 @@ class Linear(nn.Linear):
     max_rows = DECODE_MAX_ROWS
     copy_wide = True  # prepare_decoding copies a wide weight's blocks
     decode_blocks: Optional[torch.Tensor] = None  # set by prepare_decoding
+    decode_ready = False  # set by prepare_decoding: `decode` may be called
 
     def decodes(self, x: torch.Tensor) -> bool:
         """Whether the product with x is a decoding step's, which goes through `row_block_linear`."""
@@ -244,21 +253,26 @@ class Linear(nn.Linear):
         assume the weight does not change until they are dropped."""
         self.decode_blocks = None
         w = self.weight
-        if not enable or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+        self.decode_ready = enable and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+        if not self.decode_ready:
             return
         blocks = row_blocks(w.detach(), torch.get_num_threads())
         if blocks is not None and self.copy_wide and blocks.size(2) > blocks.size(1):
             blocks = blocks.contiguous()
         self.decode_blocks = blocks
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """A decoding step's product (the caller has checked `decodes`), eagerly."""
+        one_row = x.numel() == x.size(-1)  # for more rows the copy is no faster (bench/matvec.py)
+        return row_block_linear(x, self.weight, self.bias, self.decode_blocks if one_row else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.decodes(x):
             return F.linear(x, self.weight, self.bias)
-        one_row = x.numel() == x.size(-1)  # for more rows the copy is no faster (bench/matvec.py)
-        blocks = self.decode_blocks if one_row else None
         if torch.compiler.is_compiling():
+            blocks = self.decode_blocks if x.numel() == x.size(-1) else None
             return row_block_linear_op(x, self.weight, self.bias, blocks)
-        return row_block_linear(x, self.weight, self.bias, blocks)
+        return self.decode(x)
 
 
 class Attention(nn.Module):
@@ -289,6 +303,17 @@ class Attention(nn.Module):
         )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
+    def decode(self, x, cos, sin, mask, pos: int):
+        """`forward` for one new position per row, written into KV-cache slot `pos` (a decoding step:
+        see `Transformer.decode_step`); its query attends to slots 0 .. pos."""
+        B = x.size(0)
+        nh, nkv = self.n_head, self.n_kv_head
+        heads = self.qkv.decode(x).view(B, 1, nh + 2 * nkv, self.head_dim).transpose(1, 2)
+        qk = apply_rope(heads[:, : nh + nkv], cos, sin)
+        k, v = self.kv_cache.update(pos, qk[:, nh:], heads[:, nh + nkv :])
+        y = F.scaled_dot_product_attention(qk[:, :nh], k, v, attn_mask=mask, enable_gqa=nkv != nh)
+        return self.o_proj.decode(y.view(B, 1, nh * self.head_dim))  # (B, nh, 1, hs) is (B, 1, nh * hs)
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
@@ -303,6 +328,12 @@ class MLP(nn.Module):
         n = gate_up.size(-1) // 2
         return self.down_proj(F.silu(gate_up[..., :n]) * gate_up[..., n:])
 
+    def decode(self, x):
+        """`forward` in a decoding step (`Transformer.decode_step`)."""
+        gate_up = self.gate_up.decode(x)
+        n = gate_up.size(-1) // 2
+        return self.down_proj.decode(F.silu(gate_up[..., :n]) * gate_up[..., n:])
+
 
 class Block(nn.Module):
     def __init__(self, config: SlimPajamaConfig):
@@ -316,8 +347,15 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def decode(self, x, cos, sin, mask, pos: int):
+        """`forward` in a decoding step (`Transformer.decode_step`)."""
+        x = x + self.self_attn.decode(self.input_layernorm.decode(x), cos, sin, mask, pos)
+        return x + self.mlp.decode(self.post_attention_layernorm.decode(x))
+
 
 class Transformer(nn.Module):
+    _decodes = False  # set by setup_kv_cache: decode_step may take its own path
+
     def __init__(self, config: SlimPajamaConfig):
         super().__init__()
         self.config = config
@@ -380,6 +418,55 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (Linear, RMSNorm)):
                 module.prepare_decoding(enable)
+        self._decodes = enable and all(self._has_decode(module) for module in self.modules())
+
+    def _has_decode(self, module: nn.Module) -> bool:
+        """Whether decode_step's own path may call the module's `decode`: it bypasses hooks, and a
+        module of another class (a LoRA wrapper, say) has no `decode`."""
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if isinstance(module, Linear):
+            return module.decode_ready
+        if isinstance(module, RMSNorm):
+            return module.pair_weight is not None
+        if isinstance(module, nn.Embedding):  # its output is what decoding_step would check
+            return module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+        return module is self or type(module) in (Block, Attention, MLP, KVCache, nn.ModuleList)
+
+    def decode_step(
+        self,
+        idx: torch.Tensor,
+        pos: int,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (B, vocab) for one new token per row: idx (B, 1) goes into KV-cache slot `pos`, after
+        `setup_kv_cache`; attention_mask (B, S >= pos + 1) and position_ids (B, 1) as in `forward`.
+
+        The same maths as `lm_head(forward(idx, input_pos=pos, ...)[:, -1])`, which it returns for what
+        its own path does not cover (training, autocast, another dtype or device, more than
+        `DECODE_MAX_ROWS` rows, modules of other classes or with hooks). Its own path calls each
+        module's `decode` method: the products, norms and attention of `forward` for one position,
+        without `nn.Module.__call__`, the per-layer checks and the general cases of `forward` (masks
+        for several positions, dropout, compilation). A small model's decoding step on a CPU is
+        bound by its Python and its number of ops as much as by its arithmetic, and the weight reads
+        between them leave that code cold: this takes 10-20% off the step (docs/benchmarks.md)."""
+        own_path = self._decodes and idx.numel() <= DECODE_MAX_ROWS and inference_without_autocast()
+        if not own_path or torch.compiler.is_compiling():
+            kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+            return self.lm_head(self(idx, input_pos=pos, apply_head=False, **kwargs)[:, -1])
+        x = self.embed_tokens(idx)  # (B, 1, d)
+        if position_ids is None:
+            cos, sin = self.cos[pos : pos + 1], self.sin[pos : pos + 1]  # (1, hs)
+        else:
+            cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, 1, hs)
+        mask = None
+        if attention_mask is not None:  # the one query sees every real slot up to its own
+            mask = attention_mask[:, None, None, : pos + 1].bool()
+            mask = mask | ~mask.any(-1, keepdim=True)  # as in forward: no NaN for a padding row
+        for block in self.layers:
+            x = block.decode(x, cos, sin, mask, pos)
+        return self.lm_head.decode(self.norm.decode(x)).view(x.size(0), -1)
 
     def forward(
         self,
