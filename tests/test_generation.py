@@ -10,7 +10,7 @@ import torch
 
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
 from slimpajama.generation import (
-    TextIteratorStreamer, TextStreamer, generate, no_repeat_ngram_, repetition_penalty_, sample_next, warp,
+    TextIteratorStreamer, TextStreamer, draw, generate, no_repeat_ngram_, repetition_penalty_, sample_next, warp,
 )
 
 from conftest import CONTROL, VOCAB, op_calls
@@ -271,6 +271,22 @@ def test_top_k_sampling_draws_from_the_warped_top_k_distribution():
         freq = torch.bincount(draws, minlength=50).float() / draws.numel()
         assert set(draws.unique().tolist()) <= set(expected.nonzero().flatten().tolist()), kw
         torch.testing.assert_close(freq, expected, atol=0.015, rtol=0), kw
+
+
+def test_the_exponential_race_draws_each_index_with_its_probability_and_never_a_zero_one():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.15, 0.05, 0.0]])
+    draws = draw(probs.expand(100000, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    assert freq[1] == freq[5] == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.006, rtol=0)  # about 4 standard errors at 0.5
+    again = draw(probs.expand(100000, -1), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)  # the generator makes it reproducible
+    # the whole-vocabulary branch of sample_next (no top_k) draws through it too
+    logits = torch.randn(1, 30) * 2
+    expected = warp(logits, temperature=0.9, top_p=0.9).softmax(-1)[0]
+    draws = sample_next(logits.expand(20000, -1), temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert set(draws.unique().tolist()) <= set(expected.nonzero().flatten().tolist())
+    torch.testing.assert_close(torch.bincount(draws, minlength=30).float() / 20000, expected, atol=0.015, rtol=0)
 
 
 def test_generate_returns_an_ordinary_tensor(model):
