@@ -165,8 +165,8 @@ def main() -> None:
                 model.decode_step(prompt[:, :1], 128).argmax(-1)
             model.clear_kv_cache()
         seconds, calls, ms = timed_parts(model, prompt, args.steps)
-        print(f"\n{name}: {counter.n} ops per step ({through_forward.n} through forward), {ms:.2f} ms per step "
-              "(parts timed in place)\n")
+        print(f"\n{name}: {counter.n} ops per step ({through_forward.n} through forward), "
+              f"{ms:.2f} ms per step (parts timed in place)\n")
         print("| part | µs per step | calls per step | µs per call |\n|---|---|---|---|")
         for part in sorted(seconds, key=seconds.get, reverse=True):
             per_step, per_call = seconds[part] / args.steps * 1e6, seconds[part] / calls[part] * 1e6
@@ -174,10 +174,11 @@ def main() -> None:
         rest = ms * 1e3 - sum(seconds.values()) / args.steps * 1e6
         print(f"| rest (other ops, Python) | {rest:.0f} | | |")
         own, through_forward, paired = race(model, prompt, args.steps, args.rounds, own_path=False)
-        print(f"\nstep through decode_step's own path {own:.2f} ms, through forward {through_forward:.2f} ms: "
-              f"{paired:.3f} paired ({args.rounds} rounds)")
+        print(f"\nstep through decode_step's own path {own:.2f} ms, through forward "
+              f"{through_forward:.2f} ms: {paired:.3f} paired ({args.rounds} rounds)")
         pair, rms_norm, paired = race(model, prompt, args.steps, args.rounds, pair=False)
-        print(f"step with the pair form {pair:.2f} ms, with F.rms_norm {rms_norm:.2f} ms: {paired:.3f} paired")
+        print(f"step with the pair form {pair:.2f} ms, with F.rms_norm {rms_norm:.2f} ms: "
+              f"{paired:.3f} paired")
     print("\n| op (width 256) | hot µs | after a 64 MB sweep µs |\n|---|---|---|")
     for op, hot, cold in hot_and_cold():
         print(f"| {op} | {hot:.1f} | {cold:.1f} |")

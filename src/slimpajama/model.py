@@ -2,7 +2,8 @@
 
 RMSNorm, rotary position embeddings (Llama's "rotate half" layout), SwiGLU, grouped-query
 attention through `scaled_dot_product_attention`, optional tied embeddings, and a
-preallocated KV cache so that decoding one token costs one forward over one position.
+preallocated KV cache so that decoding one token costs one forward over one position
+(`Transformer.decode_step`, which skips the Python of `forward` that one position does not need).
 
 The query/key/value projections and the MLP's gate/up projections are fused into one matmul
 each (bigger matmuls run closer to peak on a CPU); `pretrained.py` splits them into
@@ -77,6 +78,7 @@ def decoding_step(x: torch.Tensor, max_rows: int = DECODE_MAX_ROWS) -> bool:
 
 
 def inference_without_autocast() -> bool:
+    """No autograd and no CPU autocast: what a decoding step runs under."""
     return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
 
 
@@ -107,7 +109,8 @@ class RMSNorm(nn.Module):
             self.pair_signs = torch.tensor([[1.0], [-1.0]])
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The pair form, for the rows of a decoding step (the caller has checked `decoding_step`)."""
+        """The pair form, for the rows of a decoding step (the caller has checked that they are:
+        `decoding_step`, or `Transformer.decode_step`'s checks)."""
         pair = x.unsqueeze(-2) * self.pair_signs  # (..., 2, dim): x and -x
         return F.layer_norm(pair, self.pair_weight.shape, self.pair_weight, None, self.eps).select(-2, 0)
 
@@ -253,7 +256,9 @@ class Linear(nn.Linear):
         assume the weight does not change until they are dropped."""
         self.decode_blocks = None
         w = self.weight
-        self.decode_ready = enable and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+        self.decode_ready = (
+            enable and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+        )
         if not self.decode_ready:
             return
         blocks = row_blocks(w.detach(), torch.get_num_threads())
@@ -262,7 +267,8 @@ class Linear(nn.Linear):
         self.decode_blocks = blocks
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """A decoding step's product (the caller has checked `decodes`), eagerly."""
+        """A decoding step's product, eagerly (the caller has checked that it is one: `decodes`, or
+        `Transformer.decode_step`'s checks)."""
         one_row = x.numel() == x.size(-1)  # for more rows the copy is no faster (bench/matvec.py)
         return row_block_linear(x, self.weight, self.bias, self.decode_blocks if one_row else None)
 
@@ -450,7 +456,8 @@ class Transformer(nn.Module):
         without `nn.Module.__call__`, the per-layer checks and the general cases of `forward` (masks
         for several positions, dropout, compilation). A small model's decoding step on a CPU is
         bound by its Python and its number of ops as much as by its arithmetic, and the weight reads
-        between them leave that code cold: this takes 10-20% off the step (docs/benchmarks.md)."""
+        between them leave that code cold: this takes 7-13% off a step of micro and small
+        (docs/benchmarks.md)."""
         own_path = self._decodes and idx.numel() <= DECODE_MAX_ROWS and inference_without_autocast()
         if not own_path or torch.compiler.is_compiling():
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
