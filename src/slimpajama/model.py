@@ -266,18 +266,21 @@ class Linear(nn.Linear):
             blocks = blocks.contiguous()
         self.decode_blocks = blocks
 
+    def kept_blocks(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The kept blocks for a product with one row; None (the view, made per call) for more rows,
+        where the copy is no faster (bench/matvec.py)."""
+        return self.decode_blocks if x.numel() == x.size(-1) else None
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """A decoding step's product, eagerly (the caller has checked that it is one: `decodes`, or
         `Transformer.decode_step`'s checks)."""
-        one_row = x.numel() == x.size(-1)  # for more rows the copy is no faster (bench/matvec.py)
-        return row_block_linear(x, self.weight, self.bias, self.decode_blocks if one_row else None)
+        return row_block_linear(x, self.weight, self.bias, self.kept_blocks(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.decodes(x):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            blocks = self.decode_blocks if x.numel() == x.size(-1) else None
-            return row_block_linear_op(x, self.weight, self.bias, blocks)
+            return row_block_linear_op(x, self.weight, self.bias, self.kept_blocks(x))
         return self.decode(x)
 
 
