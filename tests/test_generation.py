@@ -10,8 +10,8 @@ import torch
 
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
 from slimpajama.generation import (
-    TextIteratorStreamer, TextStreamer, draw, generate, no_repeat_ngram_, repetition_penalty_, sample_next,
-    warp,
+    TextIteratorStreamer, TextStreamer, draw, fastest_decode_kernel, generate, no_repeat_ngram_,
+    repetition_penalty_, sample_next, warp,
 )
 
 from conftest import CONTROL, VOCAB, op_calls
@@ -161,14 +161,14 @@ def test_compiled_one_row_steps_read_the_kept_blocks_from_one_graph_across_calls
     assert counters["stats"]["unique_graphs"] == 1
     prepare = Linear.prepare_decoding
 
-    def negated_head(self, enable=True):  # the head's copy negated: greedy picks the argmin
-        prepare(self, enable)
-        if enable and self is model.lm_head:
+    def negated_head(self, enable=True, kernel="blocks"):  # the head's copy negated: greedy picks the argmin
+        prepare(self, enable, kernel)
+        if enable and self is model.lm_head and kernel == "blocks":
             assert self.decode_blocks.is_contiguous()
             self.decode_blocks = -self.decode_blocks
 
     monkeypatch.setattr(Linear, "prepare_decoding", negated_head)
-    eager, compiled = greedy(model, ids, n=6), greedy(model, ids, n=6, compile=True)
+    eager, compiled = greedy(model, ids, n=6, decode_kernel="blocks"), greedy(model, ids, n=6, compile=True)
     with torch.inference_mode():
         logits = model(ids)[0, -1]  # no kept blocks here: the weight itself
     assert eager[0, 9] == logits.argmin() != logits.argmax()  # eager one-row products read the copy
@@ -272,6 +272,56 @@ def test_top_k_sampling_draws_from_the_warped_top_k_distribution():
         freq = torch.bincount(draws, minlength=50).float() / draws.numel()
         assert set(draws.unique().tolist()) <= set(expected.nonzero().flatten().tolist()), kw
         torch.testing.assert_close(freq, expected, atol=0.015, rtol=0), kw
+
+
+def test_the_decode_kernel_is_raced_once_per_shape_and_batch_size_and_the_kernels_decode_alike(monkeypatch):
+    import time
+
+    import torch.nn.functional as F
+
+    import slimpajama.generation as generation
+    import slimpajama.model as M
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # blocks of 2, whatever the machine has
+    monkeypatch.setattr(generation, "_decode_kernels", {})
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    shapes = tuple(tuple(m.weight.shape) for m in model.modules() if isinstance(m, M.Linear))
+    ids = torch.randint(4, VOCAB, (2, 7))
+    steps = []
+    decode_step = M.Transformer.decode_step
+    monkeypatch.setattr(M.Transformer, "decode_step", lambda *a, **k: steps.append(1) or decode_step(*a, **k))
+
+    slow_calls = []
+
+    def slowed(fn):
+        return lambda *a, **k: slow_calls.append(1) or time.sleep(2e-4) or fn(*a, **k)
+
+    row_block_linear, linear = M.row_block_linear, F.linear
+    monkeypatch.setattr(M, "row_block_linear", slowed(row_block_linear))  # 8 of the 9 products slowed
+    greedy(model, ids, n=5)
+    assert len(steps) == 1 + 2 * 3 * 4 + 4  # a first step and 3 turns of 4 steps each, then the call's 4
+    assert generation._decode_kernels == {(shapes, 2, 2): "gemm"}
+    assert len(slow_calls) == (1 + 3 * 4) * 9  # the race's blocks steps only: the call ran on F.linear
+    steps.clear()
+    out = greedy(model, ids, n=12)
+    assert len(steps) == 11  # not raced again
+    greedy(model, ids[:1], n=5)  # a new batch size is
+    assert len(steps) == 11 + 25 + 4 and generation._decode_kernels[(shapes, 1, 2)] == "gemm"
+
+    generation._decode_kernels.clear()
+    monkeypatch.setattr(M, "row_block_linear", row_block_linear)
+    monkeypatch.setattr(F, "linear", slowed(linear))  # gemm: 9 products slowed; blocks: the head (97 rows)
+    assert fastest_decode_kernel(model, 2) == "blocks"
+    assert torch.equal(greedy(model, ids, n=12), out)
+    assert torch.equal(greedy(model, ids, n=12, decode_kernel="gemm"), out)
+    with pytest.raises(ValueError, match="decoding kernel must be one of .*'fast'"):
+        greedy(model, ids, decode_kernel="fast")
+
+    generation._decode_kernels.clear()
+    hook = model.layers[0].register_forward_hook(lambda *a: None)  # the steps would go through forward
+    assert fastest_decode_kernel(model, 2) == "blocks" and generation._decode_kernels == {}
+    hook.remove()
 
 
 def test_the_exponential_race_draws_each_index_with_its_probability_and_never_a_zero_one():

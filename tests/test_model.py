@@ -65,12 +65,12 @@ def test_kv_cache_decoding_equals_full_forward(tie):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def decode_steps(model, x, mask=None, prefill=9) -> torch.Tensor:
+def decode_steps(model, x, mask=None, prefill=9, kernel="blocks") -> torch.Tensor:
     """Logits (B, T - prefill, V): a prefill of x[:, :prefill] (B, T), then decode_step at each later
-    position; mask: left padding, with the rotary positions generate would give."""
+    position, its products on `kernel`; mask: left padding, with the rotary positions generate would give."""
     pos_ids = None if mask is None else (mask.cumsum(1) - 1).clamp(min=0)
     at = (lambda a, b: None) if mask is None else (lambda a, b: pos_ids[:, a:b])
-    model.setup_kv_cache(batch_size=x.size(0), max_seq_len=x.size(1))
+    model.setup_kv_cache(batch_size=x.size(0), max_seq_len=x.size(1), kernel=kernel)
     try:
         with torch.inference_mode():
             model(x[:, :prefill], input_pos=0, attention_mask=mask, position_ids=at(0, prefill))
@@ -100,6 +100,41 @@ def test_decode_step_takes_its_own_path_with_the_logits_of_forward(monkeypatch, 
     model.setup_kv_cache(batch_size=3, max_seq_len=20)
     assert model._decodes
     model.clear_kv_cache()
+
+
+def test_the_gemm_kernel_runs_decoding_products_on_f_linear_and_keeps_no_blocks(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # blocks of 2, whatever the machine has
+    model = SlimPajamaModel(tiny()).eval()
+    x = torch.randint(4, 97, (3, 20))
+    mask = torch.ones_like(x)
+    mask[2, :5] = 0
+    full = model(x)[:, 9:]
+    blocks = decode_steps(model, x)
+    for m in (None, mask):
+        torch.testing.assert_close(decode_steps(model, x, m, kernel="gemm"), decode_steps(model, x, m),
+                                   atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(blocks, full, atol=1e-5, rtol=1e-5)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    with torch.inference_mode():
+        model.setup_kv_cache(batch_size=1, max_seq_len=20, kernel="gemm")
+        assert model._decodes and all(m.kernel == "gemm" and m.decode_blocks is None for m in linears)
+        model(x[:1, :9], input_pos=0)
+        step = lambda pos: lambda: model.decode_step(x[:1, pos : pos + 1], pos)  # noqa: E731
+        gemm = op_calls(step(9))
+        assert "aten::bmm" not in gemm and gemm["aten::linear"] == len(linears)
+        gate_up, row = model.layers[0].mlp.gate_up, torch.randn(1, 1, 32)
+        assert "aten::bmm" not in op_calls(lambda: gate_up(row))  # forward too: a decoding row takes F.linear
+        model.use_decode_kernel("blocks")  # views (nothing was kept) of each weight whose rows divide in 2
+        halves = sum(m.out_features % 2 == 0 for m in linears)
+        assert op_calls(step(10))["aten::bmm"] == halves == len(linears) - 1  # all but the head
+        assert op_calls(lambda: gate_up(row))["aten::bmm"] == 1
+        with pytest.raises(ValueError, match="decoding kernel must be one of .*'gemv'"):
+            model.use_decode_kernel("gemv")
+    model.clear_kv_cache()
+    assert all(m.kernel == "blocks" for m in linears)
+    with pytest.raises(ValueError, match="decoding kernel must be one of"):
+        model.setup_kv_cache(batch_size=1, max_seq_len=20, kernel="mkl")
 
 
 def test_decode_step_falls_back_to_forward_for_what_its_path_does_not_cover(monkeypatch):

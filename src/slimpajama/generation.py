@@ -18,9 +18,12 @@ conditioning, larger values push the output further towards what the control sig
 import functools
 import logging
 import queue
+import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
+
+from slimpajama.model import DECODE_KERNELS, Linear, check_decode_kernel, inference_without_autocast
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 log = logging.getLogger(__name__)
@@ -287,6 +290,44 @@ def _compiled_last_logits() -> Callable:
     return torch.compile(_last_logits, dynamic=True, options={"cpp_wrapper": True})
 
 
+_decode_kernels: dict = {}  # (weight shapes, batch size, threads) -> what fastest_decode_kernel measured
+
+
+def fastest_decode_kernel(model, batch_size: int, rounds: int = 3, steps: int = 4) -> str:
+    """The faster of `DECODE_KERNELS` for `model`'s decoding steps at `batch_size` on this machine,
+    measured once per process for each set of weight shapes, batch size and thread count (as cuDNN's
+    benchmark mode picks its convolutions): a race of `rounds` turns each, of `steps` steps (a fresh
+    KV cache; blocks prepared once, the kernel switched between turns), fastest turn against fastest
+    turn. Neither kernel wins on every CPU and model (docs/benchmarks.md): the row blocks read a
+    large model's weights faster, `F.linear` runs fewer ops where the weights stay in the cache.
+    A model whose steps fall back to `forward` (LoRA, hooks, bf16, autocast: see
+    `Transformer.decode_step`) is not raced and gets "blocks"."""
+    shapes = tuple(tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear))
+    key = (shapes, batch_size, torch.get_num_threads())
+    if key in _decode_kernels:
+        return _decode_kernels[key]
+    idx = torch.zeros(batch_size, 1, dtype=torch.long, device=model.lm_head.weight.device)
+    best = dict.fromkeys(DECODE_KERNELS, float("inf"))
+    steps = min(steps, model.config.max_seq_len - 1)
+    model.setup_kv_cache(batch_size, steps + 1)
+    try:
+        with torch.inference_mode():
+            if not (model._decodes and inference_without_autocast()):
+                return "blocks"
+            model.decode_step(idx, steps)  # a first step pays for lazy initialisation
+            for turn in range(rounds):
+                for kernel in DECODE_KERNELS if turn % 2 == 0 else DECODE_KERNELS[::-1]:
+                    model.use_decode_kernel(kernel)
+                    start = time.perf_counter()
+                    for pos in range(steps):
+                        model.decode_step(idx, pos)
+                    best[kernel] = min(best[kernel], time.perf_counter() - start)
+    finally:
+        model.clear_kv_cache()
+    _decode_kernels[key] = min(best, key=best.get)
+    return _decode_kernels[key]
+
+
 @_inference
 def generate(
     model,
@@ -311,6 +352,7 @@ def generate(
     streamer=None,
     use_cache: bool = True,
     compile: bool = False,
+    decode_kernel: Optional[str] = None,
     guidance_scale: Optional[float] = None,
     negative_prompt_ids: Optional[torch.Tensor] = None,
     negative_prompt_attention_mask: Optional[torch.Tensor] = None,
@@ -326,6 +368,9 @@ def generate(
     stays eager): the elementwise work between the matmuls is fused, which is most of a small
     model's step on a CPU. The first call compiles (about 20 s on a 2-core CPU); later calls in the
     process reuse the graph, as do other prompt and output lengths.
+    decode_kernel: the kernel of the eager steps' products, "blocks" or "gemm" (`DECODE_KERNELS`);
+    None: `fastest_decode_kernel`, raced on the first call for each model shape and batch size
+    (compiled steps: "blocks"). Both give the same results to float32 rounding.
     guidance_scale (not None or 1): classifier-free guidance against `negative_prompt_ids` (B, T'),
     left-padded like input_ids; default, as in HF, the last prompt token alone."""
     config = model.config
@@ -338,6 +383,8 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if decode_kernel is not None:
+        check_decode_kernel(decode_kernel)
     eos = _eos_ids(eos_token_id, config.eos_token_id)
     pad = pad_token_id if pad_token_id is not None else config.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
@@ -411,7 +458,9 @@ def generate(
         # compiled steps: a cache of max_seq_len slots whatever the call's length, since dynamo keeps
         # module buffers' shapes static (a new length would recompile); the steps attend to the
         # filled slots only, so the spare slots cost memory, not time
-        model.setup_kv_cache(B, limit if compile else total)
+        if decode_kernel is None:
+            decode_kernel = "blocks" if compile else fastest_decode_kernel(model, B)
+        model.setup_kv_cache(B, limit if compile else total, kernel=decode_kernel)
     try:
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
         some_done = False  # whether a row has finished

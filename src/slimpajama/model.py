@@ -66,6 +66,14 @@ class SlimPajamaConfig:
 
 
 DECODE_MAX_ROWS = 32  # measured on small's weights (bench/matvec.py): faster up to 32 rows, level at 128
+# the kernels a decoding step's products can run on (`Linear`): "blocks" (`row_block_linear`, a block of
+# the weight's rows per thread) or "gemm" (`F.linear`); which is faster depends on the CPU and the model
+DECODE_KERNELS = ("blocks", "gemm")
+
+
+def check_decode_kernel(kernel: str) -> None:
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decoding kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
 
 
 def decoding_step(x: torch.Tensor, max_rows: int = DECODE_MAX_ROWS) -> bool:
@@ -238,28 +246,40 @@ class Linear(nn.Linear):
     view (bench/matvec.py). `prepare_decoding` keeps the blocks one-row products use: that copy for a
     wide weight, the view for the others (a few ops less per product). `Transformer.setup_kv_cache`
     calls it, and `clear_kv_cache` drops them. The copies hold about half a Llama's weights again
-    (gate/up and the head) while they are kept; `Linear.copy_wide = False` keeps views only."""
+    (gate/up and the head) while they are kept; `Linear.copy_wide = False` keeps views only.
+
+    Where few ops matter more than the reading rate (a model whose weights stay in the cache, on a
+    CPU whose gemm reads fast with few rows), `F.linear` is the faster kernel for a whole step:
+    `prepare_decoding(kernel="gemm")` runs the decoding products on it and keeps no blocks
+    (`DECODE_KERNELS`; `generation.fastest_decode_kernel` races the two)."""
 
     max_rows = DECODE_MAX_ROWS
     copy_wide = True  # prepare_decoding copies a wide weight's blocks
     decode_blocks: Optional[torch.Tensor] = None  # set by prepare_decoding
     decode_ready = False  # set by prepare_decoding: `decode` may be called
+    kernel = "blocks"  # set by prepare_decoding: the decoding products' kernel, one of DECODE_KERNELS
 
     def decodes(self, x: torch.Tensor) -> bool:
-        """Whether the product with x is a decoding step's, which goes through `row_block_linear`."""
+        """Whether the product with x is a decoding step's that goes through `row_block_linear`."""
         w = self.weight
-        return decoding_step(x, self.max_rows) and w.dtype == torch.float32 and w.is_contiguous()
+        return (
+            self.kernel == "blocks" and decoding_step(x, self.max_rows)
+            and w.dtype == torch.float32 and w.is_contiguous()
+        )
 
-    def prepare_decoding(self, enable: bool = True) -> None:
-        """Keep the row blocks of a float32 CPU weight for one-row products, a contiguous copy if the
-        weight is wide (enable=False: drop them). A copy is taken now: like a KV cache, the blocks
-        assume the weight does not change until they are dropped."""
+    def prepare_decoding(self, enable: bool = True, kernel: str = "blocks") -> None:
+        """Run decoding products on `kernel` and, for "blocks", keep the row blocks of a float32 CPU
+        weight for one-row products, a contiguous copy if the weight is wide (enable=False: back to
+        "blocks" with nothing kept). A copy is taken now: like a KV cache, the blocks assume the
+        weight does not change until they are dropped."""
+        check_decode_kernel(kernel)
         self.decode_blocks = None
+        self.kernel = kernel if enable else "blocks"
         w = self.weight
         self.decode_ready = (
             enable and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
         )
-        if not self.decode_ready:
+        if not self.decode_ready or kernel == "gemm":
             return
         blocks = row_blocks(w.detach(), torch.get_num_threads())
         if blocks is not None and self.copy_wide and blocks.size(2) > blocks.size(1):
@@ -272,8 +292,10 @@ class Linear(nn.Linear):
         return self.decode_blocks if x.numel() == x.size(-1) else None
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """A decoding step's product, eagerly (the caller has checked that it is one: `decodes`, or
-        `Transformer.decode_step`'s checks)."""
+        """A decoding step's product, eagerly, on `kernel` (the caller has checked that it is one:
+        `decodes`, or `Transformer.decode_step`'s checks)."""
+        if self.kernel == "gemm":
+            return F.linear(x, self.weight, self.bias)
         return row_block_linear(x, self.weight, self.bias, self.kept_blocks(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -404,10 +426,13 @@ class Transformer(nn.Module):
         n = self.num_params() - self.embed_tokens.weight.numel() * (not c.tie_embeddings)  # lookups are free
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    def setup_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None):
+    def setup_kv_cache(
+        self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, kernel: str = "blocks"
+    ):
         """Preallocate every block's KV cache and keep what decoding steps use: each linear layer's
-        row blocks (`Linear.prepare_decoding`) and each norm's pair weight (`RMSNorm.prepare_decoding`);
-        all hold until `clear_kv_cache`, for weights that do not change."""
+        kernel and row blocks (`Linear.prepare_decoding`; kernel: one of `DECODE_KERNELS`) and each
+        norm's pair weight (`RMSNorm.prepare_decoding`); all hold until `clear_kv_cache`, for weights
+        that do not change."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.cos.size(0):
             raise ValueError(f"KV cache of {max_seq_len} positions exceeds model.max_seq_len={self.cos.size(0)}")
@@ -416,16 +441,27 @@ class Transformer(nn.Module):
             block.self_attn.kv_cache = KVCache(
                 batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim, dtype or p.dtype, p.device
             )
-        self._prepare_decoding(True)
+        self._prepare_decoding(True, kernel)
+
+    def use_decode_kernel(self, kernel: str) -> None:
+        """Run the decoding products on `kernel` from the next step on, keeping what `setup_kv_cache`
+        kept (so that a race can take turns between kernels; "blocks" after a "gemm" set-up reads
+        views of the weights)."""
+        check_decode_kernel(kernel)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = kernel
 
     def clear_kv_cache(self):
         for block in self.layers:
             block.self_attn.kv_cache = None
         self._prepare_decoding(False)
 
-    def _prepare_decoding(self, enable: bool):
+    def _prepare_decoding(self, enable: bool, kernel: str = "blocks"):
         for module in self.modules():
-            if isinstance(module, (Linear, RMSNorm)):
+            if isinstance(module, Linear):
+                module.prepare_decoding(enable, kernel)
+            elif isinstance(module, RMSNorm):
                 module.prepare_decoding(enable)
         self._decodes = enable and all(self._has_decode(module) for module in self.modules())
 
