@@ -10,6 +10,10 @@ sampled (temperature 0.8, top-k 50), taking turns rep by rep (ours, theirs, thei
 machine noise hits both alike. Reported: new tokens/s (median over reps), the ratio, the paired
 ratio (median of per-rep ratios), and whether the greedy outputs are identical.
 
+Our `generate` decodes on the kernel `generation.fastest_decode_kernel` races in its first call
+(the warm-up here): row blocks or `F.linear`; the table names the pick. With --both-kernels the
+same races also run ours on each kernel (`decode_kernel="blocks"` / `"gemm"`).
+
 With --compile, the same races also run both libraries compiled, each its own way: our
 `generate(compile=True)` and transformers' `cache_implementation="static"` with a `compile_config`
 (the first call of each, which compiles, is the warm-up and is reported apart).
@@ -42,6 +46,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import Clock, load_config, wait_quiet  # noqa: E402
 
+from slimpajama.generation import fastest_decode_kernel  # noqa: E402
+from slimpajama.model import DECODE_KERNELS  # noqa: E402
 from slimpajama.pretrained import SlimPajamaModel  # noqa: E402
 
 SAMPLED = {"do_sample": True, "temperature": 0.8, "top_k": 50}
@@ -65,9 +71,9 @@ def weight_bytes_per_token(model: SlimPajamaModel) -> int:
     return n * p.element_size()
 
 
-def ours_fn(model, ids, n, settings, use_cache=True, compile=False):
+def ours_fn(model, ids, n, settings, use_cache=True, compile=False, kernel=None):
     return lambda: model.generate(ids, max_new_tokens=n, eos_token_id=-1, seed=0, use_cache=use_cache,
-                                  compile=compile, **settings)
+                                  compile=compile, decode_kernel=kernel, **settings)
 
 
 def hf_fn(model, ids, n, settings, compile=False):
@@ -128,6 +134,9 @@ def bench_model(name: str, args, bandwidth: float) -> list[dict]:
                 fns = {"ours": ours_fn(ours, ids, args.new_tokens, settings), "hf": hf_fn(hf, ids, args.new_tokens, settings)}
                 if args.no_cache and batch == 1 and mode == "greedy" and dtype == torch.float32:
                     fns["ours_no_cache"] = ours_fn(ours, ids, args.new_tokens, settings, use_cache=False)
+                if args.both_kernels and dtype == torch.float32:
+                    for kernel in DECODE_KERNELS:
+                        fns[f"ours_{kernel}"] = ours_fn(ours, ids, args.new_tokens, settings, kernel=kernel)
                 if args.compile and dtype == torch.float32:
                     fns["ours_compiled"] = ours_fn(ours, ids, args.new_tokens, settings, compile=True)
                     fns["hf_compiled"] = hf_fn(hf, ids, args.new_tokens, settings, compile=True)
@@ -145,7 +154,12 @@ def bench_model(name: str, args, bandwidth: float) -> list[dict]:
                     "hf_share": r["hf"]["tokens_per_s"] / batch / limit,
                     "identical": torch.equal(r["outputs"]["ours"], r["outputs"]["hf"]) if mode == "greedy" else None,
                     "foreign_cpu": r["foreign_cpu"],
+                    # what the race in our first call picked (raced once per process: this reads it back)
+                    "kernel": fastest_decode_kernel(ours, batch) if dtype == torch.float32 else "-",
                 }
+                for kernel in DECODE_KERNELS:
+                    if f"ours_{kernel}" in r:
+                        row[f"ours_{kernel}"] = r[f"ours_{kernel}"]["tokens_per_s"]
                 if "ours_compiled" in r:
                     oc, hc = r["ours_compiled"], r["hf_compiled"]
                     row.update({
@@ -187,11 +201,13 @@ def markdown(rows: list[dict], bandwidth: float, args) -> str:
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
         f"median of {args.reps} alternating reps",
         "",
-        "| model | dtype | batch | mode | ours tok/s | transformers tok/s | ratio (paired) | share of bandwidth limit, ours / theirs | identical | others' CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | batch | mode | our kernel | ours tok/s | transformers tok/s | ratio (paired) "
+        "| share of bandwidth limit, ours / theirs | identical | others' CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ours']:.0f} | "
+        f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['batch']} | {r['mode']} | {r['kernel']} | "
+        f"{r['ours']:.0f} | "
         f"{r['hf']:.0f} | {r['ratio']:.2f}x ({r['paired_ratio']:.2f}x) | {shares(r)} | {SAME[r['identical']]} | "
         f"{r['foreign_cpu']:.0%} |"
         for r in rows
@@ -214,6 +230,13 @@ def markdown(rows: list[dict], bandwidth: float, args) -> str:
             f"{compile_s(r)} | {SAME[r['compiled_identical']]} |"
             for r in compiled
         ]
+    kernels = [r for r in rows if "ours_blocks" in r]
+    if kernels:
+        lines += ["", "Ours on each kernel (`decode_kernel=`), in the same race", "",
+                  "| model | batch | mode | raced pick | pick tok/s | blocks tok/s | gemm tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['mode']} | {r['kernel']} | {r['ours']:.0f} | "
+                  f"{r['ours_blocks']:.0f} | {r['ours_gemm']:.0f} |" for r in kernels]
     cached = [r for r in rows if "cache_speedup" in r]
     if cached:
         lines += ["", "| model | ours with KV cache tok/s | without (whole prefix each step) tok/s | speed-up |", "|---|---|---|---|"]
@@ -232,6 +255,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-no-cache", dest="no_cache", action="store_false", help="skip the run without KV cache")
+    p.add_argument("--both-kernels", action="store_true",
+                   help="also race ours on each decoding kernel (decode_kernel='blocks' and 'gemm'), float32")
     p.add_argument("--compile", action="store_true",
                    help="also race both libraries compiled: generate(compile=True) vs transformers' static cache + compile_config")
     p.add_argument("--wait-quiet", type=float, default=30.0, help="seconds to wait for idle CPUs before each race")

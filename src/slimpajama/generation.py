@@ -18,6 +18,7 @@ conditioning, larger values push the output further towards what the control sig
 import functools
 import logging
 import queue
+import statistics
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -293,38 +294,49 @@ def _compiled_last_logits() -> Callable:
 _decode_kernels: dict = {}  # (weight shapes, batch size, threads) -> what fastest_decode_kernel measured
 
 
-def fastest_decode_kernel(model, batch_size: int, rounds: int = 3, steps: int = 4) -> str:
+def fastest_decode_kernel(
+    model, batch_size: int, turns: int = 10, steps: int = 8, budget_s: float = 0.25
+) -> str:
     """The faster of `DECODE_KERNELS` for `model`'s decoding steps at `batch_size` on this machine,
     measured once per process for each set of weight shapes, batch size and thread count (as cuDNN's
-    benchmark mode picks its convolutions): a race of `rounds` turns each, of `steps` steps (a fresh
-    KV cache; blocks prepared once, the kernel switched between turns), fastest turn against fastest
-    turn. Neither kernel wins on every CPU and model (docs/benchmarks.md): the row blocks read a
-    large model's weights faster, `F.linear` runs fewer ops where the weights stay in the cache.
-    A model whose steps fall back to `forward` (LoRA, hooks, bf16, autocast: see
-    `Transformer.decode_step`) is not raced and gets "blocks"."""
+    benchmark mode picks its convolutions).
+
+    The race runs on a scratch KV cache: `turns` turns of `steps` steps (2 for each kernel, then more
+    while `budget_s` lasts), the kernels taking turns (the blocks are kept once and the kernel
+    switched). A switch slows the next 4-5 steps of either kernel by 15-30%, as each reloads what
+    the other pushed out of the caches, and a generation never switches: so each kernel is timed by
+    the median of its steps in the second halves of its turns, its steady state.
+
+    Neither kernel wins on every CPU and model (docs/benchmarks.md): the row blocks read a large
+    model's weights faster, `F.linear` runs fewer ops where the weights stay in the cache. A model
+    whose steps fall back to `forward` (LoRA, hooks, bf16, autocast: see `Transformer.decode_step`)
+    is not raced and gets "blocks"."""
     shapes = tuple(tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear))
     key = (shapes, batch_size, torch.get_num_threads())
     if key in _decode_kernels:
         return _decode_kernels[key]
     idx = torch.zeros(batch_size, 1, dtype=torch.long, device=model.lm_head.weight.device)
-    best = dict.fromkeys(DECODE_KERNELS, float("inf"))
-    steps = min(steps, model.config.max_seq_len - 1)
-    model.setup_kv_cache(batch_size, steps + 1)
+    steps = min(steps, model.config.max_seq_len)
+    seconds = {kernel: [] for kernel in DECODE_KERNELS}  # per step, in the second halves of the turns
+    model.setup_kv_cache(batch_size, steps)
     try:
         with torch.inference_mode():
             if not (model._decodes and inference_without_autocast()):
                 return "blocks"
-            model.decode_step(idx, steps)  # a first step pays for lazy initialisation
-            for turn in range(rounds):
-                for kernel in DECODE_KERNELS if turn % 2 == 0 else DECODE_KERNELS[::-1]:
-                    model.use_decode_kernel(kernel)
+            began = time.perf_counter()
+            for turn in range(turns):
+                if turn >= 2 * len(DECODE_KERNELS) and time.perf_counter() - began > budget_s:
+                    break
+                kernel = DECODE_KERNELS[turn % len(DECODE_KERNELS)]
+                model.use_decode_kernel(kernel)
+                for pos in range(steps):
                     start = time.perf_counter()
-                    for pos in range(steps):
-                        model.decode_step(idx, pos)
-                    best[kernel] = min(best[kernel], time.perf_counter() - start)
+                    model.decode_step(idx, pos)
+                    if pos >= steps // 2:
+                        seconds[kernel].append(time.perf_counter() - start)
     finally:
         model.clear_kv_cache()
-    _decode_kernels[key] = min(best, key=best.get)
+    _decode_kernels[key] = min(DECODE_KERNELS, key=lambda kernel: statistics.median(seconds[kernel]))
     return _decode_kernels[key]
 
 
