@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from slimpajama import SlimPajamaModel
-from slimpajama.stages.prune import generation_tokens_per_sec
+from slimpajama.generation import tokens_per_sec
 
 COMMON = ["logger=csv", "callbacks=none", "trainer.enable_progress_bar=false", "sample.max_new_tokens=0"]
 
@@ -57,7 +57,7 @@ def speed(folders: dict[str, Path], prompt: torch.Tensor, new_tokens: int, repea
     best = {k: 0.0 for k in models}
     for _ in range(repeats):
         for k, m in models.items():
-            best[k] = max(best[k], generation_tokens_per_sec(m, prompt, new_tokens))
+            best[k] = max(best[k], tokens_per_sec(m, prompt, new_tokens))
     return best
 
 

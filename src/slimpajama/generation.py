@@ -17,6 +17,7 @@ conditioning, larger values push the output further towards what the control sig
 
 import functools
 import logging
+import math
 import queue
 import statistics
 import time
@@ -339,6 +340,27 @@ def fastest_decode_kernel(
     _decode_kernels[key] = min(DECODE_KERNELS, key=lambda kernel: statistics.median(seconds[kernel]))
     return _decode_kernels[key]
 
+
+def tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> float:
+    """Greedy new tokens/s of `model.generate` decoding exactly `new_tokens` (end-of-text disabled)
+    after `prompt` (1, T): the best of `repeats` timed calls (the least disturbed by other processes)
+    after one warm-up call, which also races the decoding kernel (`fastest_decode_kernel`)."""
+    new_tokens = min(new_tokens, model.config.max_seq_len - prompt.size(1))
+    if new_tokens <= 0:
+        limit = model.config.max_seq_len
+        raise ValueError(f"a prompt of {prompt.size(1)} tokens leaves no room in max_seq_len={limit}")
+    prompt = prompt.to(next(model.parameters()).device)
+    model.generate(prompt, max_new_tokens=min(4, new_tokens), do_sample=False, eos_token_id=-1)
+    best = math.inf
+    for _ in range(repeats):
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
 
 @_inference
 def generate(

@@ -16,13 +16,10 @@ import argparse
 import functools
 import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from slimpajama.generation import tokens_per_sec
 from slimpajama.registry import PIPELINE, default_log_dir
 
 log = logging.getLogger(__name__)
@@ -41,18 +38,6 @@ def stage_runs(log_dir: Optional[Path] = None, runs: Optional[Path] = None) -> d
     if not found:
         raise FileNotFoundError(f"no finished stage runs under {runs or log_dir or default_log_dir()}")
     return found
-
-
-@torch.no_grad()
-def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
-    """Greedy new tokens/s at batch 1 (best of `repeats`: the least disturbed by other processes)."""
-    best = math.inf
-    model.generate(prompt_ids, max_new_tokens=4, do_sample=False, eos_token_id=-1)  # warm-up
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model.generate(prompt_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
-        best = min(best, time.perf_counter() - t)
-    return new_tokens / best
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +59,7 @@ def model_row(stage: str, run: Path, prompt: str, new_tokens: int) -> dict:
         "params": model.num_params(),
         "file_mb": sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6,
         "val_ppl": metrics.get("val/ppl"),
-        "gen_tokens_per_s": generation_speed(model, ids, new_tokens) if new_tokens else None,
+        "gen_tokens_per_s": tokens_per_sec(model, ids, new_tokens, repeats=3) if new_tokens else None,
         "sparsity": metrics.get("prune/sparsity"),
         "tasks": {k: v for k, v in metrics.items() if k.startswith("test/")},
         "control": {k: v for k, v in metrics.items() if k.startswith("control/")},

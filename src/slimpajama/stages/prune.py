@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torchmetrics import MeanMetric
 
 from slimpajama import pruning
+from slimpajama.generation import tokens_per_sec
 from slimpajama.losses import linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import WEIGHTS_FILE, SlimPajamaModel
@@ -74,27 +75,6 @@ def mean_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
         n += batch[:, 1:].numel()
     model.train(was_training)
     return total / max(n, 1)
-
-
-@torch.no_grad()
-def generation_tokens_per_sec(model: SlimPajamaModel, prompt: torch.Tensor, new_tokens: int, repeats: int = 1) -> float:
-    """Greedy decoding of exactly `new_tokens` (end-of-text disabled) after `prompt` (1, T); the best of
-    `repeats` timed runs after one warm-up."""
-    new_tokens = min(new_tokens, model.config.max_seq_len - prompt.size(1))
-    if new_tokens <= 0:
-        raise ValueError(f"a prompt of {prompt.size(1)} tokens leaves no room in max_seq_len={model.config.max_seq_len}")
-    prompt = prompt.to(next(model.parameters()).device)
-    model.generate(prompt, max_new_tokens=min(4, new_tokens), do_sample=False, eos_token_id=-1)  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
 
 
 class PruneModule(FusedOptimizerClipping, L.LightningModule):
@@ -185,7 +165,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         if self.eval_batches:
             self.report["prune/ppl_dense"] = math.exp(mean_loss(self.model, evaluation))
         if self.generation_tokens:
-            self.report["prune/gen_tokens_per_sec_dense"] = generation_tokens_per_sec(
+            self.report["prune/gen_tokens_per_sec_dense"] = tokens_per_sec(
                 self.model, self.prompt, self.generation_tokens)
         if self.recovery == "distill":  # the unpruned model, outside the module's children: not in
             # state_dict, checkpoints or the optimizer, and never switched to train mode
@@ -332,7 +312,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
             m["prune/ppl_recovered" if self.recovery != "none" else "prune/ppl_final"] = float(
                 self.trainer.callback_metrics["val/ppl"])
         if self.generation_tokens and hasattr(self, "prompt"):
-            tps = generation_tokens_per_sec(self.model, self.prompt, self.generation_tokens)
+            tps = tokens_per_sec(self.model, self.prompt, self.generation_tokens)
             m["prune/gen_tokens_per_sec"] = tps
             if "prune/gen_tokens_per_sec_dense" in m:
                 m["prune/gen_speedup"] = tps / m["prune/gen_tokens_per_sec_dense"]
