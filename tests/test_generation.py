@@ -324,6 +324,8 @@ def test_the_decode_kernel_is_raced_once_per_shape_and_batch_size_and_the_kernel
     hook = model.layers[0].register_forward_hook(lambda *a: None)  # the steps would go through forward
     assert fastest_decode_kernel(model, 2) == "blocks" and generation._decode_kernels == {}
     hook.remove()
+    assert fastest_decode_kernel(model, M.DECODE_MAX_ROWS + 1) == "blocks"  # so would these rows
+    assert generation._decode_kernels == {}
 
 
 def test_the_exponential_race_draws_each_index_with_its_probability_and_never_a_zero_one():

@@ -25,7 +25,9 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from slimpajama.model import DECODE_KERNELS, Linear, check_decode_kernel, inference_without_autocast
+from slimpajama.model import (
+    DECODE_KERNELS, DECODE_MAX_ROWS, Linear, check_decode_kernel, inference_without_autocast,
+)
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 log = logging.getLogger(__name__)
@@ -310,8 +312,8 @@ def fastest_decode_kernel(
 
     Neither kernel wins on every CPU and model (docs/benchmarks.md): the row blocks read a large
     model's weights faster, `F.linear` runs fewer ops where the weights stay in the cache. A model
-    whose steps fall back to `forward` (LoRA, hooks, bf16, autocast: see `Transformer.decode_step`)
-    is not raced and gets "blocks"."""
+    whose steps fall back to `forward` (LoRA, hooks, bf16, autocast, more than `DECODE_MAX_ROWS`
+    rows: see `Transformer.decode_step`) is not raced and gets "blocks"."""
     shapes = tuple(tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear))
     key = (shapes, batch_size, torch.get_num_threads())
     if key in _decode_kernels:
@@ -322,8 +324,8 @@ def fastest_decode_kernel(
     model.setup_kv_cache(batch_size, steps)
     try:
         with torch.inference_mode():
-            if not (model._decodes and inference_without_autocast()):
-                return "blocks"
+            if not (model._decodes and inference_without_autocast() and batch_size <= DECODE_MAX_ROWS):
+                return "blocks"  # steps through forward, whose products take F.linear on either kernel
             began = time.perf_counter()
             for turn in range(turns):
                 if turn >= 2 * len(DECODE_KERNELS) and time.perf_counter() - began > budget_s:
@@ -361,6 +363,7 @@ def tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return new_tokens / best
+
 
 @_inference
 def generate(
