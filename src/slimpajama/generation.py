@@ -310,10 +310,11 @@ def fastest_decode_kernel(
     the other pushed out of the caches, and a generation never switches: so each kernel is timed by
     the median of its steps in the second halves of its turns, its steady state.
 
-    Neither kernel wins on every CPU and model (docs/benchmarks.md): the row blocks read a large
-    model's weights faster, `F.linear` runs fewer ops where the weights stay in the cache. A model
-    whose steps fall back to `forward` (LoRA, hooks, bf16, autocast, more than `DECODE_MAX_ROWS`
-    rows: see `Transformer.decode_step`) is not raced and gets "blocks"."""
+    Neither kernel wins on every CPU and model (docs/benchmarks.md): the row blocks can read a large
+    model's weights faster, `F.linear` runs fewer ops, which wins where a step costs its ops more
+    than its weight reads. A model whose steps fall back to `forward` (LoRA, hooks, bf16, autocast,
+    more than `DECODE_MAX_ROWS` rows: see `Transformer.decode_step`) is not raced and gets
+    "blocks"."""
     shapes = tuple(tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear))
     key = (shapes, batch_size, torch.get_num_threads())
     if key in _decode_kernels:

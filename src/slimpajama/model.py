@@ -248,8 +248,8 @@ class Linear(nn.Linear):
     calls it, and `clear_kv_cache` drops them. The copies hold about half a Llama's weights again
     (gate/up and the head) while they are kept; `Linear.copy_wide = False` keeps views only.
 
-    Where few ops matter more than the reading rate (a model whose weights stay in the cache, on a
-    CPU whose gemm reads fast with few rows), `F.linear` is the faster kernel for a whole step:
+    Where few ops matter more than the reading rate (a small model, on a CPU whose gemm reads fast
+    with few rows, as `micro` on an Intel Xeon with AMX), `F.linear` is the faster kernel for a step:
     `prepare_decoding(kernel="gemm")` runs the decoding products on it and keeps no blocks
     (`DECODE_KERNELS`; `generation.fastest_decode_kernel` races the two)."""
 
