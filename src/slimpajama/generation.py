@@ -319,14 +319,17 @@ def fastest_decode_kernel(
     key = (shapes, batch_size, torch.get_num_threads())
     if key in _decode_kernels:
         return _decode_kernels[key]
+    with torch.inference_mode():
+        if batch_size > DECODE_MAX_ROWS or not inference_without_autocast():
+            return "blocks"  # steps through forward, whose products take F.linear on either kernel
     idx = torch.zeros(batch_size, 1, dtype=torch.long, device=model.lm_head.weight.device)
     steps = min(steps, model.config.max_seq_len)
     seconds = {kernel: [] for kernel in DECODE_KERNELS}  # per step, in the second halves of the turns
     model.setup_kv_cache(batch_size, steps)
     try:
         with torch.inference_mode():
-            if not (model._decodes and inference_without_autocast() and batch_size <= DECODE_MAX_ROWS):
-                return "blocks"  # steps through forward, whose products take F.linear on either kernel
+            if not model._decodes:  # what only the set-up tells: modules, hooks, dtypes, devices
+                return "blocks"
             began = time.perf_counter()
             for turn in range(turns):
                 if turn >= 2 * len(DECODE_KERNELS) and time.perf_counter() - began > budget_s:
