@@ -12,7 +12,7 @@ Hugging Face's Llama parameter names on save and fuses them again on load.
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -119,8 +119,7 @@ class RMSNorm(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The pair form, for the rows of a decoding step (the caller has checked that they are:
         `decoding_step`, or `Transformer.decode_step`'s checks)."""
-        pair = x.unsqueeze(-2) * self.pair_signs  # (..., 2, dim): x and -x
-        return F.layer_norm(pair, self.pair_weight.shape, self.pair_weight, None, self.eps).select(-2, 0)
+        return pair_rms_norm(x, self.pair_weight, self.pair_signs, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pair_weight is not None and decoding_step(x) and not torch.compiler.is_compiling():
@@ -131,6 +130,12 @@ class RMSNorm(nn.Module):
         x = x.float()  # normalise in float32, as Llama does
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def pair_rms_norm(x: torch.Tensor, pair_weight: torch.Tensor, signs: torch.Tensor, eps: float) -> torch.Tensor:
+    """`RMSNorm`'s pair form: layer_norm over (x, -x), whose mean is zero, then the pair's first half."""
+    pair = x.unsqueeze(-2) * signs  # (..., 2, dim): x and -x
+    return F.layer_norm(pair, pair_weight.shape, pair_weight, None, eps).select(-2, 0)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +214,16 @@ def row_block_linear(
     return y if bias is None else y + bias
 
 
+def decode_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """A decoding step's product from `Linear.decode_operands`: over the row blocks, or `F.linear` where
+    there are none (the "gemm" kernel, or rows that do not divide into blocks)."""
+    if blocks is None:
+        return F.linear(x, weight, bias)
+    return row_block_linear(x, weight, bias, blocks)
+
+
 # named apart from the earlier 3-argument `slimpajama::row_block_linear`, whose kernels inductor's
 # on-disk cache may still hold: a cached graph calling it with the old arguments would crash
 @torch.library.custom_op("slimpajama::row_block_linear_kept", mutates_args=())
@@ -241,12 +256,13 @@ class Linear(nn.Linear):
     `F.linear`; under torch.compile the blocked product is the opaque op `row_block_linear_op`, which
     reads the same kept blocks.
 
-    For one row of input, a wide weight (more outputs per block than inputs: the MLP's gate/up, the
-    head) is read 1.4-2.4x faster from a contiguous copy of its blocks than through the transposed
-    view (bench/matvec.py). `prepare_decoding` keeps the blocks one-row products use: that copy for a
-    wide weight, the view for the others (a few ops less per product). `Transformer.setup_kv_cache`
-    calls it, and `clear_kv_cache` drops them. The copies hold about half a Llama's weights again
-    (gate/up and the head) while they are kept; `Linear.copy_wide = False` keeps views only.
+    A wide weight (more outputs per block than inputs: the MLP's gate/up, the head) is read faster
+    from a contiguous copy of its blocks than through the transposed view: 1.4-2.4x for one row of
+    input on an AMD EPYC (bench/matvec.py), and a step of 8 rows takes 0.91x the time on an Intel
+    Xeon. `prepare_decoding` keeps the blocks decoding products use: that copy for a wide weight,
+    the view for the others (a few ops less per product). `Transformer.setup_kv_cache` calls it,
+    and `clear_kv_cache` drops them. The copies hold about half a Llama's weights again (gate/up and
+    the head) while they are kept; `Linear.copy_wide = False` keeps views only.
 
     Where few ops matter more than the reading rate (a small model, on a CPU whose gemm reads fast
     with few rows, as `micro` on an Intel Xeon with AMX), `F.linear` is the faster kernel for a step:
@@ -269,7 +285,7 @@ class Linear(nn.Linear):
 
     def prepare_decoding(self, enable: bool = True, kernel: str = "blocks") -> None:
         """Run decoding products on `kernel` and, for "blocks", keep the row blocks of a float32 CPU
-        weight for one-row products, a contiguous copy if the weight is wide (enable=False: back to
+        weight for decoding products, a contiguous copy if the weight is wide (enable=False: back to
         "blocks" with nothing kept). A copy is taken now: like a KV cache, the blocks assume the
         weight does not change until they are dropped."""
         check_decode_kernel(kernel)
@@ -286,23 +302,26 @@ class Linear(nn.Linear):
             blocks = blocks.contiguous()
         self.decode_blocks = blocks
 
-    def kept_blocks(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The kept blocks for a product with one row; None (the view, made per call) for more rows,
-        where the copy is no faster (bench/matvec.py)."""
-        return self.decode_blocks if x.numel() == x.size(-1) else None
+    def decode_operands(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(weight, bias, blocks) of a decoding step's product for `decode_linear`, on `kernel`: the kept
+        blocks, or the view where none were kept (a "gemm" set-up), for "blocks"; None for "gemm"."""
+        blocks = None
+        if self.kernel == "blocks":
+            blocks = self.decode_blocks
+            if blocks is None:
+                blocks = row_blocks(self.weight.detach(), torch.get_num_threads())
+        return self.weight, self.bias, blocks
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """A decoding step's product, eagerly, on `kernel` (the caller has checked that it is one:
         `decodes`, or `Transformer.decode_step`'s checks)."""
-        if self.kernel == "gemm":
-            return F.linear(x, self.weight, self.bias)
-        return row_block_linear(x, self.weight, self.bias, self.kept_blocks(x))
+        return decode_linear(x, *self.decode_operands())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.decodes(x):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            return row_block_linear_op(x, self.weight, self.bias, self.kept_blocks(x))
+            return row_block_linear_op(x, self.weight, self.bias, self.decode_blocks)
         return self.decode(x)
 
 
@@ -334,17 +353,6 @@ class Attention(nn.Module):
         )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-    def decode(self, x, cos, sin, mask, pos: int):
-        """`forward` for one new position per row, written into KV-cache slot `pos` (a decoding step:
-        see `Transformer.decode_step`); its query attends to slots 0 .. pos."""
-        B = x.size(0)
-        nh, nkv = self.n_head, self.n_kv_head
-        heads = self.qkv.decode(x).view(B, 1, nh + 2 * nkv, self.head_dim).transpose(1, 2)
-        qk = apply_rope(heads[:, : nh + nkv], cos, sin)
-        k, v = self.kv_cache.update(pos, qk[:, nh:], heads[:, nh + nkv :])
-        y = F.scaled_dot_product_attention(qk[:, :nh], k, v, attn_mask=mask, enable_gqa=nkv != nh)
-        return self.o_proj.decode(y.view(B, 1, nh * self.head_dim))  # (B, nh, 1, hs) is (B, 1, nh * hs)
-
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
@@ -359,12 +367,6 @@ class MLP(nn.Module):
         n = gate_up.size(-1) // 2
         return self.down_proj(F.silu(gate_up[..., :n]) * gate_up[..., n:])
 
-    def decode(self, x):
-        """`forward` in a decoding step (`Transformer.decode_step`)."""
-        gate_up = self.gate_up.decode(x)
-        n = gate_up.size(-1) // 2
-        return self.down_proj.decode(F.silu(gate_up[..., :n]) * gate_up[..., n:])
-
 
 class Block(nn.Module):
     def __init__(self, config: SlimPajamaConfig):
@@ -378,14 +380,32 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, mask, pos: int):
-        """`forward` in a decoding step (`Transformer.decode_step`)."""
-        x = x + self.self_attn.decode(self.input_layernorm.decode(x), cos, sin, mask, pos)
-        return x + self.mlp.decode(self.post_attention_layernorm.decode(x))
+
+class DecodeLayer(NamedTuple):
+    """What `Transformer.decode_step`'s own path reads of one block: each norm's pair weight, each
+    product's `Linear.decode_operands` and the block's KV cache (kept by `setup_kv_cache`)."""
+
+    attn_norm: torch.Tensor
+    qkv: tuple
+    o_proj: tuple
+    mlp_norm: torch.Tensor
+    gate_up: tuple
+    down_proj: tuple
+    kv_cache: KVCache
+
+    @classmethod
+    def of(cls, block: Block) -> "DecodeLayer":
+        attn, mlp = block.self_attn, block.mlp
+        return cls(
+            block.input_layernorm.pair_weight, attn.qkv.decode_operands(), attn.o_proj.decode_operands(),
+            block.post_attention_layernorm.pair_weight, mlp.gate_up.decode_operands(),
+            mlp.down_proj.decode_operands(), attn.kv_cache,
+        )
 
 
 class Transformer(nn.Module):
     _decodes = False  # set by setup_kv_cache: decode_step may take its own path
+    _decode_layers: tuple = ()  # set with _decodes: each block's DecodeLayer
 
     def __init__(self, config: SlimPajamaConfig):
         super().__init__()
@@ -451,6 +471,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.kernel = kernel
+        self._keep_decode_layers()
 
     def clear_kv_cache(self):
         for block in self.layers:
@@ -464,10 +485,15 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.prepare_decoding(enable)
         self._decodes = enable and all(self._has_decode(module) for module in self.modules())
+        self._keep_decode_layers()
+
+    def _keep_decode_layers(self):
+        self._decode_layers = tuple(DecodeLayer.of(block) for block in self.layers) if self._decodes else ()
 
     def _has_decode(self, module: nn.Module) -> bool:
-        """Whether decode_step's own path may call the module's `decode`: it bypasses hooks, and a
-        module of another class (a LoRA wrapper, say) has no `decode`."""
+        """Whether decode_step's own path may stand for the module: it reads the module's tensors
+        (`DecodeLayer`) and runs its maths for one position, bypassing hooks and other classes' code
+        (a LoRA wrapper, say)."""
         if module._forward_hooks or module._forward_pre_hooks:
             return False
         if isinstance(module, Linear):
@@ -490,13 +516,14 @@ class Transformer(nn.Module):
 
         The same maths as `lm_head(forward(idx, input_pos=pos, ...)[:, -1])`, which it returns for what
         its own path does not cover (training, autocast, another dtype or device, more than
-        `DECODE_MAX_ROWS` rows, modules of other classes or with hooks). Its own path calls each
-        module's `decode` method: the products, norms and attention of `forward` for one position,
-        without `nn.Module.__call__`, the per-layer checks and the general cases of `forward` (masks
-        for several positions, dropout, compilation). A small model's decoding step on a CPU is
-        bound by its Python and its number of ops as much as by its arithmetic, and the weight reads
-        between them leave that code cold: this takes 7-13% off a step of micro and small
-        (docs/benchmarks.md)."""
+        `DECODE_MAX_ROWS` rows, modules of other classes or with hooks). Its own path is the blocks'
+        maths for one position written out in one loop, over the tensors `setup_kv_cache` kept
+        (`DecodeLayer`): the products, norms and attention of `forward`, without `nn.Module.__call__`,
+        the modules' methods and checks, and the general cases of `forward` (masks for several
+        positions, dropout, compilation). A small model's decoding step on a CPU is bound by its
+        Python and its number of ops as much as by its arithmetic, and the weight reads between them
+        leave that code cold: this takes about 20% off a step of micro and 15% off small's against
+        `forward` (docs/benchmarks.md)."""
         own_path = self._decodes and idx.numel() <= DECODE_MAX_ROWS and inference_without_autocast()
         if not own_path or torch.compiler.is_compiling():
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
@@ -510,9 +537,20 @@ class Transformer(nn.Module):
         if attention_mask is not None:  # the one query sees every real slot up to its own
             mask = attention_mask[:, None, None, : pos + 1].bool()
             mask = mask | ~mask.any(-1, keepdim=True)  # as in forward: no NaN for a padding row
-        for block in self.layers:
-            x = block.decode(x, cos, sin, mask, pos)
-        return self.lm_head.decode(self.norm.decode(x)).view(x.size(0), -1)
+        B, c = x.size(0), self.config
+        nh, nkv, hs = c.n_head, c.n_kv_head, c.head_dim
+        signs, eps = self.norm.pair_signs, c.norm_eps
+        for layer in self._decode_layers:  # Block.forward for one position
+            heads = decode_linear(pair_rms_norm(x, layer.attn_norm, signs, eps), *layer.qkv)
+            heads = heads.view(B, 1, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2 n_kv, 1, hs)
+            qk = apply_rope(heads[:, : nh + nkv], cos, sin)
+            k, v = layer.kv_cache.update(pos, qk[:, nh:], heads[:, nh + nkv :])  # slots 0 .. pos
+            y = F.scaled_dot_product_attention(qk[:, :nh], k, v, attn_mask=mask, enable_gqa=nkv != nh)
+            x = x + decode_linear(y.view(B, 1, nh * hs), *layer.o_proj)  # (B, nh, 1, hs) is (B, 1, nh * hs)
+            gate_up = decode_linear(pair_rms_norm(x, layer.mlp_norm, signs, eps), *layer.gate_up)
+            n = gate_up.size(-1) // 2
+            x = x + decode_linear(F.silu(gate_up[..., :n]) * gate_up[..., n:], *layer.down_proj)
+        return self.lm_head.decode(self.norm.decode(x)).view(B, -1)
 
     def forward(
         self,
