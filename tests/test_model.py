@@ -81,7 +81,9 @@ def decode_steps(model, x, mask=None, prefill=9, kernel="blocks") -> torch.Tenso
         model.clear_kv_cache()
 
 
-@pytest.mark.parametrize("cfg", [{}, {"n_kv_head": 4, "tie_embeddings": True}])
+# grouped-query; multi-head with tied embeddings; a structured-pruned shape (head_dim * n_head != d_model)
+@pytest.mark.parametrize("cfg", [{}, {"n_kv_head": 4, "tie_embeddings": True},
+                                 {"n_head": 3, "n_kv_head": 1, "head_dim": 12}])
 def test_decode_step_takes_its_own_path_with_the_logits_of_forward(monkeypatch, cfg):
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny(**cfg)).eval()
