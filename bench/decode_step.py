@@ -87,7 +87,8 @@ def race(model, prompt, n, rounds, **variant) -> tuple[float, float, float]:
 def timed_parts(model, prompt, n) -> tuple[dict, dict, float]:
     """Seconds and calls per part over n steps, timed around each call; and the step time."""
     seconds, calls = defaultdict(float), Counter()
-    names = {id(m.weight): name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, M.Linear)}
+    linears = ((name, m) for name, m in model.named_modules() if isinstance(m, M.Linear))
+    names = {id(m.weight): name.split(".")[-1] for name, m in linears}
 
     def timed(label, fn):
         def call(*args, **kwargs):

@@ -199,7 +199,7 @@ def test_linear_cuts_only_decoding_products_into_row_blocks_with_the_same_result
     torch.testing.assert_close(wide.weight.grad, few_wide.reshape(-1, 24).sum(0).expand(40, 24))
 
 
-def test_setup_kv_cache_gives_decoding_products_a_contiguous_copy_of_each_wide_weights_row_blocks(monkeypatch):
+def test_setup_kv_cache_gives_decoding_products_a_contiguous_copy_of_a_wide_weights_row_blocks(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     model = SlimPajamaModel(tiny(vocab_size=96)).eval()  # blocks of 2: gate_up 64 x 32, head 48 x 32 (wide)

@@ -132,7 +132,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def pair_rms_norm(x: torch.Tensor, pair_weight: torch.Tensor, signs: torch.Tensor, eps: float) -> torch.Tensor:
+def pair_rms_norm(
+    x: torch.Tensor, pair_weight: torch.Tensor, signs: torch.Tensor, eps: float
+) -> torch.Tensor:
     """`RMSNorm`'s pair form: layer_norm over (x, -x), whose mean is zero, then the pair's first half."""
     pair = x.unsqueeze(-2) * signs  # (..., 2, dim): x and -x
     return F.layer_norm(pair, pair_weight.shape, pair_weight, None, eps).select(-2, 0)
