@@ -1,10 +1,10 @@
 # The two commands of the README:
 #   make demo   set up, then the whole pipeline on the demo corpus (pretrain -> distill -> prune ->
 #               finetune -> evaluate -> generate) and its report
-#   make test   set up, run every test (slow ones included)
+#   make test   set up, lint, run every test (slow ones included)
 PY := .venv/bin/python
 
-.PHONY: setup demo pipeline pretrain report test test-fast bench clean-cache
+.PHONY: setup demo pipeline pretrain report lint test test-fast bench clean-cache
 
 setup:
 	bash scripts/setup.sh
@@ -20,7 +20,10 @@ pretrain: setup   # the pretrain stage alone: `micro` on the demo corpus, 800 st
 report: setup     # the report of the newest finished run of every stage
 	$(PY) -m slimpajama.report
 
-test: setup
+lint: setup      # ruff, with the rules pyproject.toml selects
+	.venv/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest -q
 
 test-fast: setup

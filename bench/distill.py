@@ -24,7 +24,6 @@ teacher's, so the teacher's `latest/pretrain` link is left alone. A JSON record 
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time

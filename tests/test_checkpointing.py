@@ -1,7 +1,6 @@
 """Surviving kills: atomic checkpoints, NaN stop, W&B run continued, resume after SIGKILL / SIGTERM."""
 
 import csv
-import os
 import signal
 import subprocess
 import sys

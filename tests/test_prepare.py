@@ -93,7 +93,9 @@ def _small_case(root):
 
 def test_statistics_are_exact_on_a_constructed_case(tmp_path):
     a, b, near = _small_case(tmp_path / "in")
-    nb = lambda t: len(t.encode("utf-8"))
+    def nb(text):
+        return len(text.encode("utf-8"))
+
     stats = prep().run([str(tmp_path / "in")], str(tmp_path / "out"))
     assert statuses(stats).tolist() == [KEPT, SHORT, EXACT, NEAR, KEPT]
     books, web = stats.sources["books"], stats.sources["web"]

@@ -129,7 +129,9 @@ def test_wanda_beats_magnitude_when_inputs_have_outlier_features():
 
 
 def test_cubic_schedule():
-    s = lambda step: pruning.cubic_sparsity(step, final=0.8, initial=0.0, start=10, end=110, every=10)
+    def s(step):
+        return pruning.cubic_sparsity(step, final=0.8, initial=0.0, start=10, end=110, every=10)
+
     assert s(0) == 0.0 and s(10) == 0.0 and s(110) == 0.8 and s(500) == 0.8
     assert s(60) == pytest.approx(0.8 - 0.8 * 0.5**3)
     assert s(65) == s(60)  # held between updates

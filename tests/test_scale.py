@@ -3,7 +3,6 @@ reads its own share of the data; the data path works the same for a local folder
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

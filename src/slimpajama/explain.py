@@ -776,7 +776,7 @@ def main(argv: Optional[list] = None) -> int:
     attr = ex.steps[0].attribution is not None
     out.write(head + ("   attribution" if attr else "") + "\n")
     for s in ex.steps:
-        lens = " ".join(l["top"][0]["token"][:8] for l in s.lens[1:])
+        lens = " ".join(layer["top"][0]["token"][:8] for layer in s.lens[1:])
         out.write(f"{s.position:>4}  {s.token[:16]!s:<16} {s.prob:7.4f} {s.surprisal:6.2f}  {lens}"
                   + (f"   {s.attribution:+.3f}" if attr else "") + "\n")
     for name, path in paths.items():
