@@ -163,6 +163,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def key_padding_mask(
+    attention_mask: torch.Tensor, n_keys: int, causal: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The real keys among the first n_keys of attention_mask (B, S >= n_keys; 1 real, 0 padding) as a
+    boolean attention mask, (B, 1, 1, n_keys), and with `causal` (1, 1, T, n_keys) when given. A query
+    left with no key (a padding position's) sees every key instead: softmax over none would give NaN,
+    and its output is never used."""
+    mask = attention_mask[:, None, None, :n_keys].bool()
+    if causal is not None:
+        mask = causal & mask
+    return mask | ~mask.any(-1, keepdim=True)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for `max_seq_len` positions; positions are written in place."""
 
@@ -506,6 +519,15 @@ class Transformer(nn.Module):
             return module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
         return module is self or type(module) in (Block, Attention, MLP, KVCache, nn.ModuleList)
 
+    def rotary(
+        self, start: int, T: int, position_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for T positions: cache slots start .. start + T - 1, (T, hs) each, or the rotary
+        positions position_ids (B, T), (B, 1, T, hs) each (left padding)."""
+        if position_ids is not None:
+            return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+        return self.cos[start : start + T], self.sin[start : start + T]
+
     def decode_step(
         self,
         idx: torch.Tensor,
@@ -531,14 +553,9 @@ class Transformer(nn.Module):
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
             return self.lm_head(self(idx, input_pos=pos, apply_head=False, **kwargs)[:, -1])
         x = self.embed_tokens(idx)  # (B, 1, d)
-        if position_ids is None:
-            cos, sin = self.cos[pos : pos + 1], self.sin[pos : pos + 1]  # (1, hs)
-        else:
-            cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, 1, hs)
-        mask = None
-        if attention_mask is not None:  # the one query sees every real slot up to its own
-            mask = attention_mask[:, None, None, : pos + 1].bool()
-            mask = mask | ~mask.any(-1, keepdim=True)  # as in forward: no NaN for a padding row
+        cos, sin = self.rotary(pos, 1, position_ids)
+        # the one query sees every real slot up to its own: no causal part
+        mask = None if attention_mask is None else key_padding_mask(attention_mask, pos + 1)
         B, c = x.size(0), self.config
         nh, nkv, hs = c.n_head, c.n_kv_head, c.head_dim
         signs, eps = self.norm.pair_signs, c.norm_eps
@@ -592,17 +609,10 @@ class Transformer(nn.Module):
         elif attention_mask is not None:
             mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
         if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, : mask.size(-1)].bool()
-            # a fully masked row (a padding query) would give NaN; its output is never used
-            mask = mask | ~mask.any(-1, keepdim=True)
-        if position_ids is not None:
-            cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hs)
-        elif start is not None:
-            cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, hs)
-        else:
-            if T > self.cos.size(0):
-                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
-            cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
+            mask = key_padding_mask(attention_mask, mask.size(-1), mask)
+        if position_ids is None and start is None and T > self.cos.size(0):
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
+        cos, sin = self.rotary(0 if start is None else start, T, position_ids)
 
         x = self.embed_tokens(idx)  # (B, T, d)
         hidden = [x] if output_hidden_states else None
