@@ -133,6 +133,14 @@ def tiny_overrides(corpus_dir) -> list[str]:
     return TINY + [f"data.paths=[{corpus_dir}]"]
 
 
+@pytest.fixture(autouse=True)
+def restore_deterministic_algorithms():
+    """A Trainer built with `deterministic: true` (trainer=cpu) turns torch's deterministic algorithms on
+    for the whole process; each test starts as a fresh process would, with them off."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 def wandb_log_payload(path: Path) -> bytes:
     """The records of a .wandb file joined: a 7-byte file header, then LevelDB-style log blocks of
     32 KiB whose records (7-byte header: crc, length, type) may be split across blocks."""

@@ -166,6 +166,17 @@ def test_compile_trains_the_same_model_through_a_compiled_forward(tiny_overrides
         assert k == k2 and torch.allclose(v, v2, atol=1e-4), k
 
 
+@pytest.mark.slow
+def test_a_compiled_rerun_with_the_same_seed_is_bit_identical(tiny_overrides, tmp_path):
+    # trainer=cpu turns on torch's deterministic algorithms; without them inductor adds up the
+    # embedding's gradient by atomic adds, in an order that changes from run to run
+    steps = ["trainer.max_steps=8", "trainer.val_check_interval=8", "compile=true", "data.batch_size=16"]
+    first, second = (train(tiny_overrides + steps, tmp_path, name)[2] for name in ("first", "second"))
+    assert train_losses(first) == train_losses(second) and len(train_losses(first)) == 8
+    a, b = (SlimPajamaModel.from_pretrained(out / "model").state_dict() for out in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_pretraining_compiles_by_default_and_trains_eagerly_without_a_cpp_compiler(tiny_overrides, tmp_path,
                                                                                   monkeypatch, caplog):
     import logging
