@@ -131,12 +131,14 @@ def bench_model(name: str, args, bandwidth: float) -> list[dict]:
     transformers.logging.set_verbosity_error()
     config = load_config(name, args.vocab_size, args.prompt_len + args.new_tokens)
     torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp(prefix=f"bench-generate-{name}-"))
-    SlimPajamaModel(config).save_pretrained(folder)
+    dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
+    with tempfile.TemporaryDirectory(prefix=f"bench-generate-{name}-") as folder:  # removed once both have loaded it
+        SlimPajamaModel(config).save_pretrained(folder)
+        models = [(dtype, SlimPajamaModel.from_pretrained(folder, torch_dtype=dtype),
+                   transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval())
+                  for dtype in dtypes]
     rows = []
-    for dtype in [torch.float32] + ([torch.bfloat16] if args.bf16 else []):
-        ours = SlimPajamaModel.from_pretrained(folder, torch_dtype=dtype)
-        hf = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval()
+    for dtype, ours, hf in models:
         batches = args.batches if dtype == torch.float32 else [1]
         for batch in batches:
             ids = torch.randint(4, args.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
