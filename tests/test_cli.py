@@ -44,6 +44,14 @@ def test_prompt_with_control_streams_the_greedy_continuation(folder, tok, capsys
     assert printed == tok.decode(expected[0, ids.size(1):], skip_special_tokens=True) + "\n"
 
 
+def test_a_control_token_the_model_does_not_know_is_refused_with_those_it_knows(folder, capsys):
+    with pytest.raises(SystemExit, match=r"--control '<\|style:casual\|>' is not a control token of .*"
+                                         + r"its control tokens: <\|style:formal\|>, <\|task:translate\|>"):
+        main([str(folder), "-p", "the river", "--control", "<|style:casual|>", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out == ""  # refused before anything is generated
+    assert main([str(folder), "-p", "the river", "--control", "write formally", "--max-new-tokens", "2"]) == 0
+
+
 def test_several_sequences_are_numbered(folder, capsys):
     main([str(folder), "-p", "the", "--temperature", "1.0", "--num-return-sequences", "2", "--seed", "0",
           "--max-new-tokens", "5"])

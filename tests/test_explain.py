@@ -220,6 +220,8 @@ def test_cli_on_a_saved_structured_pruned_shape(tok, tmp_path, capsys):
                                                     "tokens.png"}
     with pytest.raises(SystemExit, match="the model has 2 heads"):
         main([str(folder), "-p", PROMPT, "--heads", "5", "-o", str(out)])
+    with pytest.raises(SystemExit, match=r"--alt-control '<\|style:casual\|>' is not a control token"):
+        main([str(folder), "-p", PROMPT, "-c", CONTROL[0], "--alt-control", "<|style:casual|>", "-o", str(out)])
 
 
 # ---- the report in a real browser -----------------------------------------------------------------

@@ -207,6 +207,14 @@ def test_from_pretrained_missing_model_raises(tmp_path):
         SlimPajamaTokenizer.from_pretrained(tmp_path / "nowhere")
 
 
+def test_unknown_control_tokens_are_the_control_shaped_strings_it_would_read_as_text(tok):
+    assert tok.unknown_control_tokens(f"{CONTROL[0]} write <|style:casual|>, then <|mood:calm|>") == [
+        "<|style:casual|>", "<|mood:calm|>"]
+    assert tok.unknown_control_tokens(f"{CONTROL[1]}写一篇正式的文章 <| not one |> a|b") == []
+    unknown = tok.encode("<|style:casual|>", add_special_tokens=False)
+    assert len(unknown) > 1 and not set(unknown) & set(tok.control_token_ids)  # plain text, as the name says
+
+
 def test_unknown_control_token_in_config_raises(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())

@@ -1,12 +1,14 @@
 """`slimpajama-generate`: load a saved model, stream a generation to the terminal, or chat.
 
     slimpajama-generate --prompt "The Congress"                       # newest finished model
-    slimpajama-generate logs/latest/finetune/model --control "<|style:formal|>" --prompt "..." \
+    slimpajama-generate logs/latest/finetune/model --control "<|source:plays|>" --prompt "..." \
         --temperature 0.7 --top-p 0.9 --max-new-tokens 200
     slimpajama-generate slimpajama/finetune --chat --control "<|task:dialogue|>"
 
 The prompt is built with the model's `prompt_template` (saved in generation_config.json by the
 fine-tuning stage; default "{control}{input}"), so a control signal lands where training put it.
+A control token the model does not know (`<|style:formal|>` for the demo's model, whose tokens are
+`<|source:...|>` and `<|task:...|>`) is refused with the list of those it knows.
 """
 
 import argparse
@@ -70,6 +72,16 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def check_control(tokenizer: SlimPajamaTokenizer, model: str, flag: str, control: Optional[str]) -> None:
+    """Refuse a control token the model does not know, which it would read as plain text, naming the
+    ones it knows."""
+    unknown = tokenizer.unknown_control_tokens(control or "")
+    if unknown:
+        known = ", ".join(tokenizer.control_tokens) or "none (fine-tuning adds them)"
+        raise SystemExit(f"{flag} {unknown[0]!r} is not a control token of {model}; its control tokens: {known}. "
+                         "An instruction in plain words works with any model.")
+
+
 def format_prompt(template: str, control: str, text: str) -> str:
     return template.format(control=control, input=text)
 
@@ -118,8 +130,9 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
+    check_control(tokenizer, args.model, "--control", args.control)
+    model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     template = (getattr(model, "generation_config", {}) or {}).get("prompt_template", DEFAULT_TEMPLATE)
     kwargs = generation_kwargs(args)
     if args.chat:

@@ -1,7 +1,7 @@
 """Explain a generation: why a saved model wrote what it wrote.
 
     from slimpajama.explain import explain
-    ex = explain("slimpajama/finetune", prompt="Dear Sir,", control="<|style:formal|>", alt_control="")
+    ex = explain("slimpajama/finetune", prompt="Dear Sir,", control="<|source:speeches|>", alt_control="")
     ex.save("report/")          # report.html, explanation.json, logit_lens.png, attention_layer<i>.png, tokens.png
 
 For each generated (or given, `continuation=`) token it reports
@@ -750,14 +750,17 @@ def _int_list(text: str, what: str) -> list:
 
 
 def main(argv: Optional[list] = None) -> int:
+    from slimpajama.cli import check_control
     from slimpajama.pretrained import SlimPajamaModel
     from slimpajama.tokenizer import SlimPajamaTokenizer
 
     args = build_parser().parse_args(argv)
     layers = None if args.layers == "all" else [] if args.layers == "none" else _int_list(args.layers, "--layers")
     heads = "mean" if args.heads == "mean" else _int_list(args.heads, "--heads")
-    model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
+    check_control(tokenizer, args.model, "--control", args.control)
+    check_control(tokenizer, args.model, "--alt-control", args.alt_control)
+    model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     gen = {"do_sample": args.sample or args.temperature is not None}
     if args.temperature is not None:
         gen["temperature"] = args.temperature

@@ -33,6 +33,7 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 SPACE_MARKER = "\u2581"  # SentencePiece's visible space
+CONTROL_SHAPE = re.compile(r"<\|[^|\s]+\|>")  # the shape of control tokens: <|style:formal|>
 
 
 class BatchEncoding(dict):
@@ -284,6 +285,11 @@ class SlimPajamaTokenizer:
             self.padding_side = state["padding_side"]
             log.info("added %d control tokens (vocabulary %d)", len(new), self.vocab_size)
         return [self.sp.piece_to_id(t) for t in tokens]
+
+    def unknown_control_tokens(self, text: str) -> list[str]:
+        """The strings of `text` in the shape of a control token (`<|...|>`, no whitespace) that are not
+        control tokens of this tokenizer: `encode` reads them as plain text, a few ordinary tokens each."""
+        return [t for t in CONTROL_SHAPE.findall(text) if t not in self.control_tokens]
 
     # ---- files ----------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
