@@ -5,8 +5,9 @@
 Three contenders train the same architecture, from IDENTICAL initial weights, on the same random
 token batches, with the same AdamW settings (every keyword of conf/stage/pretrain.yaml's
 optimizer: lr, betas, eps, weight decay, fused..., with decay only on >= 2-D weights via
-`slimpajama.optim.param_groups`) and the same gradient clipping (conf/trainer/cpu.yaml:
-gradient_clip_val):
+`slimpajama.optim.param_groups`), the same gradient clipping (conf/trainer/cpu.yaml:
+gradient_clip_val) and, as the Trainer sets them for the whole process, the same deterministic
+algorithms (conf/trainer/cpu.yaml: deterministic; --no-deterministic turns them off):
 
   lightning  `LanguageModelModule` (our pretraining stage) driven by a real `lightning.Trainer`
              (cpu, 32-true, no logger, no checkpointing, no progress bar, only a timing callback).
@@ -83,8 +84,8 @@ def load_config(name: str, vocab_size: int, seq_len: int) -> SlimPajamaConfig:
     return SlimPajamaConfig(**d)
 
 
-def training_settings() -> tuple[dict, float]:
-    """AdamW keyword arguments and the clipping value our training config uses."""
+def training_settings() -> tuple[dict, float, bool]:
+    """AdamW keyword arguments, the clipping value and the `deterministic` flag our training config uses."""
     from omegaconf import OmegaConf
 
     opt = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "stage" / "pretrain.yaml").module.optimizer)
@@ -93,7 +94,8 @@ def training_settings() -> tuple[dict, float]:
     opt.pop("_partial_", None)
     opt["betas"] = tuple(opt["betas"])
     trainer = OmegaConf.load(ROOT / "conf" / "trainer" / "cpu.yaml")
-    return opt, float(trainer.gradient_clip_val)  # every AdamW keyword of the config (lr, betas, eps, fused...)
+    # every AdamW keyword of the config (lr, betas, eps, fused...)
+    return opt, float(trainer.gradient_clip_val), bool(trainer.deterministic)
 
 
 class BareContender:
@@ -284,7 +286,7 @@ def bench_model(name: str, args, adamw: dict, clip: float, peaks: list) -> dict:
         accelerator="cpu", devices=1, precision="32-true", max_steps=total, max_epochs=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[StepTimer()], gradient_clip_val=clip, num_sanity_val_steps=0, limit_val_batches=0,
-        log_every_n_steps=10, deterministic=False, benchmark=False,
+        log_every_n_steps=10, deterministic=args.deterministic, benchmark=False,
     )
     loader = DataLoader(batches, batch_size=None, shuffle=False)  # (B, T+1) int64 tensors, as they are
     waited = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
@@ -340,7 +342,8 @@ def markdown(results: list, peak: float, args, adamw: dict, clip: float) -> str:
         + (", glibc malloc tuned (--mallopt)" if args.mallopt else "")
         + (", ours with torch.compile (compile=true, the default)" if args.compile else ", ours eager (compile=false)")
         + (", transformers with torch.compile" if args.compile_hf else "")
-        + f"; AdamW {', '.join(f'{k}={v}' for k, v in adamw.items())}, clip {clip}",
+        + f"; AdamW {', '.join(f'{k}={v}' for k, v in adamw.items())}, clip {clip}"
+        + f"; deterministic algorithms {'on' if args.deterministic else 'off'} (all three)",
         "",
         ("| model | params | GFLOP/token | rounds used / timed (warm-up) | Lightning tok/s | bare tok/s | HF tok/s "
          "| Lightning/HF | bare/HF | Lightning overhead | MFU Lightning | MFU bare | MFU HF |"),
@@ -387,6 +390,9 @@ def main(argv=None):
                    help="our stage with compile=true, the stage's default (conf/train.yaml), and the bare loop's "
                         "forward compiled the same way; --no-compile: both eager")
     p.add_argument("--compile-hf", action="store_true", help="torch.compile the transformers model too")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch's deterministic algorithms, set by the Trainer for the whole process, so for all "
+                        "three (default: conf/trainer/cpu.yaml's `deterministic`, as the stage ships)")
     p.add_argument("--mallopt", action="store_true",
                    help="tune glibc malloc (no trimming, 32 MiB mmap threshold) for all contenders; off by default")
     p.add_argument("--quiet-threshold", type=float, default=0.1,
@@ -405,7 +411,9 @@ def main(argv=None):
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    adamw, clip = training_settings()
+    adamw, clip, deterministic = training_settings()
+    if args.deterministic is None:
+        args.deterministic = deterministic
     peaks, results = [], []
     t0 = time.perf_counter()
     for name in args.models:
