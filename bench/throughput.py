@@ -84,7 +84,7 @@ def load_config(name: str, vocab_size: int, seq_len: int) -> SlimPajamaConfig:
     return SlimPajamaConfig(**d)
 
 
-def training_settings() -> tuple[dict, float, bool]:
+def training_settings() -> tuple[dict, float, object]:
     """AdamW keyword arguments, the clipping value and the `deterministic` flag our training config uses."""
     from omegaconf import OmegaConf
 
@@ -95,7 +95,7 @@ def training_settings() -> tuple[dict, float, bool]:
     opt["betas"] = tuple(opt["betas"])
     trainer = OmegaConf.load(ROOT / "conf" / "trainer" / "cpu.yaml")
     # every AdamW keyword of the config (lr, betas, eps, fused...)
-    return opt, float(trainer.gradient_clip_val), bool(trainer.deterministic)
+    return opt, float(trainer.gradient_clip_val), trainer.deterministic  # true, false or "warn"
 
 
 class BareContender:
@@ -343,7 +343,8 @@ def markdown(results: list, peak: float, args, adamw: dict, clip: float) -> str:
         + (", ours with torch.compile (compile=true, the default)" if args.compile else ", ours eager (compile=false)")
         + (", transformers with torch.compile" if args.compile_hf else "")
         + f"; AdamW {', '.join(f'{k}={v}' for k, v in adamw.items())}, clip {clip}"
-        + f"; deterministic algorithms {'on' if args.deterministic else 'off'} (all three)",
+        + f"; deterministic algorithms {'on' if args.deterministic else 'off'} (all three, Trainer deterministic="
+        + f"{args.deterministic!r})",
         "",
         ("| model | params | GFLOP/token | rounds used / timed (warm-up) | Lightning tok/s | bare tok/s | HF tok/s "
          "| Lightning/HF | bare/HF | Lightning overhead | MFU Lightning | MFU bare | MFU HF |"),

@@ -135,7 +135,7 @@ def tiny_overrides(corpus_dir) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def restore_deterministic_algorithms():
-    """A Trainer built with `deterministic: true` (trainer=cpu) turns torch's deterministic algorithms on
+    """A Trainer built with `deterministic: warn` (trainer=cpu) turns torch's deterministic algorithms on
     for the whole process; each test starts as a fresh process would, with them off."""
     yield
     torch.use_deterministic_algorithms(False)
