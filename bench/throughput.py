@@ -56,6 +56,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
+from typing import Union
 
 import torch
 
@@ -84,7 +85,7 @@ def load_config(name: str, vocab_size: int, seq_len: int) -> SlimPajamaConfig:
     return SlimPajamaConfig(**d)
 
 
-def training_settings() -> tuple[dict, float, object]:
+def training_settings() -> tuple[dict, float, Union[bool, str]]:
     """AdamW keyword arguments, the clipping value and the `deterministic` flag our training config uses."""
     from omegaconf import OmegaConf
 
