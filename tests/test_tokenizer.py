@@ -16,7 +16,6 @@ from conftest import CONTROL, VOCAB, chinese, english  # the `tok` fixture is in
 ROUND_TRIP = {
     "english": "The city, by the river, was new: 42 people (and 7 more) were there!",
     "spaces": "two  spaces,   three,    four and a trailing space ",
-    "leading_space": " leading space, then   more",
     "newlines_tabs": "line one\nline two\n\n\tindented with a tab\n    and four spaces\r\nwindows line\n",
     "chinese": "写一篇正式的文章",
     "mixed": "Write a formal article: 写一篇正式的文章, about 北京 and the world.",
@@ -26,13 +25,15 @@ ROUND_TRIP = {
     "numbers": "3.14159 and 1,000,000 and 2024-06-01",
     "code": "def f(x):\n    return {'a': [x, x ** 2]}  # comment\n",
     "empty": "",
-    "only_spaces": "   ",
+    "only_spaces_after_text": "x   ",
     "only_newline": "\n",
 }
 
 
 @pytest.mark.parametrize("name", sorted(ROUND_TRIP))
 def test_exact_round_trip(tok, name):
+    """Any text that does not start with a space and holds no special-token string comes back exactly
+    (a leading space: `test_a_leading_space_stands_for_the_dummy_prefix_as_in_transformers`)."""
     text = ROUND_TRIP[name]
     ids = tok.encode(text)
     assert ids[0] == tok.bos_token_id
@@ -68,10 +69,16 @@ def test_special_ids_and_sizes(tok):
     assert tok.vocab_size == len(tok) == VOCAB
     assert tok.control_token_ids == [tok.convert_tokens_to_ids(t) for t in CONTROL]
     assert tok.all_special_ids == sorted({0, 1, 2, 3, *tok.control_token_ids})
-    # the literal text of a special token is not the special token
-    ids = tok.encode("<s></s><pad><unk>", add_special_tokens=False)
+    # the literal text of a special token is the special token, as in transformers, unless split_special_tokens
+    assert tok.encode("<s></s><pad><unk>", add_special_tokens=False) == [1, 2, 3, 0]
+    assert tok.encode("the</s>city", add_special_tokens=False) == (
+        tok.encode("the", add_special_tokens=False) + [2] + tok.encode_continuation("city"))
+    ids = tok.encode("<s></s><pad><unk>", add_special_tokens=False, split_special_tokens=True)
     assert not set(ids) & {0, 1, 2, 3}
     assert tok.decode(ids) == "<s></s><pad><unk>"
+    # the corpus reads them as text: a document's "</s>" does not end it
+    doc = "a</s>b"
+    assert tok.encode_batch([doc])[0] == tok.encode(doc, add_special_tokens=False, split_special_tokens=True)
 
 
 @pytest.mark.parametrize("control", CONTROL)
@@ -90,10 +97,14 @@ def test_control_tokens_are_single_tokens(tok, control):
     assert glued[glued.index(cid) + 1 :] == tok.encode("Hello", add_special_tokens=False)[1:]  # Hello minus '▁'
 
 
-def test_skip_special_tokens_drops_bos_eos_pad(tok):
-    ids = [tok.bos_token_id] + tok.encode("the city", add_special_tokens=False) + [tok.eos_token_id, 3, 3]
+def test_skip_special_tokens_drops_bos_eos_pad_and_otherwise_they_print_as_in_transformers(tok):
+    city = tok.encode("the city", add_special_tokens=False)
+    ids = [tok.bos_token_id] + city + [tok.eos_token_id, 3, 3]
     assert tok.decode(ids, skip_special_tokens=True) == "the city"
-    assert tok.decode(ids, skip_special_tokens=False) == "the city"  # SentencePiece control symbols print as ""
+    # only the first token loses its dummy-prefix space: after <s> or </s> the space stays
+    assert tok.decode(ids, skip_special_tokens=False) == "<s> the city</s><pad><pad>"
+    assert tok.decode(city + [2] + city + [0]) == "the city</s> the city<unk>"
+    assert tok.decode([0] + city, skip_special_tokens=True) == "the city"
 
 
 def test_encode_return_tensors(tok):
@@ -174,7 +185,7 @@ def test_batch_decode(tok):
     texts = ["The river.", "写一篇正式的文章", f"{CONTROL[1]}Translate this."]
     ids = [tok.encode(t) for t in texts]
     assert tok.batch_decode(ids, skip_special_tokens=True) == ["The river.", "写一篇正式的文章", "Translate this."]
-    assert tok.batch_decode(ids) == texts
+    assert tok.batch_decode(ids) == ["<s> The river.", "<s> 写一篇正式的文章", f"<s>{CONTROL[1]}Translate this."]
 
 
 def test_save_and_load_round_trip(tok, tmp_path):
@@ -191,7 +202,7 @@ def test_save_and_load_round_trip(tok, tmp_path):
         assert loaded.encode(text) == tok.encode(text)
     glued = f"{CONTROL[0]}Hello{CONTROL[1]}"
     assert loaded.encode(glued) == tok.encode(glued)
-    assert loaded.decode(loaded.encode(glued)) == glued
+    assert loaded.decode(loaded.encode(glued, add_special_tokens=False)) == glued
     # from_pretrained takes str paths too, and a folder without the config (plain SentencePiece model)
     (folder / "tokenizer_config.json").unlink()
     bare = SlimPajamaTokenizer.from_pretrained(str(folder))
@@ -243,12 +254,12 @@ def test_long_lines_are_cut_for_the_trainer_not_dropped():
     long_doc = ("ΩΨΦ " * 5000).strip()  # 20k characters on one line
     t = SlimPajamaTokenizer.train([long_doc, "the river"] * 3, 268, max_sentence_bytes=1024, num_threads=1)
     assert t.convert_tokens_to_ids("Ω") != t.unk_token_id
-    assert t.decode(t.encode(long_doc[:100])) == long_doc[:100]
+    assert t.decode(t.encode(long_doc[:100]), skip_special_tokens=True) == long_doc[:100]
 
 
-def test_round_trip_of_the_sentencepiece_space_marker(tok):
-    text = "load ▁▂▃▅▇ and a▁b"
-    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+def test_the_sentencepiece_space_marker_reads_as_a_space_as_in_transformers(tok):
+    assert tok.encode("load ▁▂▃▅▇ and a▁b") == tok.encode("load  ▂▃▅▇ and a b")
+    assert tok.decode(tok.encode("a▁b"), skip_special_tokens=True) == "a b"
 
 
 def test_transformers_autotokenizer_parity(tok, tmp_path, monkeypatch):
@@ -269,22 +280,40 @@ def test_transformers_autotokenizer_parity(tok, tmp_path, monkeypatch):
         assert hf.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text), True), text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a documented difference: for text that starts with a space, transformers' LlamaTokenizer "
-    "(legacy=False) lets the space stand for SentencePiece's dummy prefix, so ' x' and 'x' encode alike "
-    "and the space is lost; ours keeps the dummy prefix and round-trips exactly",
-)
-def test_transformers_autotokenizer_parity_with_a_leading_space(tok, tmp_path, monkeypatch):
+def test_transformers_autotokenizer_parity_on_random_mixtures(tok, tmp_path, monkeypatch):
+    """Ids and text as transformers' on strings glued from the parts where SentencePiece and transformers
+    part ways: leading and repeated spaces, U+2581, special-token and control-token strings (parsed,
+    and plain with split_special_tokens), byte-fallback characters, tabs and newlines."""
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok.save_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert hf(" leading space")["input_ids"] == tok.encode(" leading space")
+    parts = ["the", "city", "写", "文章", " ", "  ", "\n", "\t", "\r\n", *CONTROL, "▁", "😀", "é", ",", "1990", "x",
+             "<s>", "</s>", "<pad>", "<unk>", "<|", "|>", "<", "\u00a0", "\u3000"]
+    rng = random.Random(3)
+    for _ in range(400):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 8)))
+        for split in (False, True):
+            ids = tok.encode(text, split_special_tokens=split)
+            assert ids == hf(text, split_special_tokens=split)["input_ids"], (text, split)
+            for skip in (False, True):
+                assert tok.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), (text, split, skip)
+                assert tok.decode(ids[1:], skip) == hf.decode(ids[1:], skip_special_tokens=skip), (text, split, skip)
 
 
-def test_a_leading_space_round_trips_and_a_leading_control_token_has_no_prefix(tok):
-    assert tok.decode(tok.encode(" leading space"), skip_special_tokens=True) == " leading space"
+def test_a_leading_space_stands_for_the_dummy_prefix_as_in_transformers(tok):
+    """transformers' LlamaTokenizer (legacy=False) puts SentencePiece's dummy-prefix space before a text
+    only when the text does not start with a space, so " x" and "x" encode alike and decode as "x"."""
+    assert tok.encode(" leading space") == tok.encode("leading space")
+    assert tok.decode(tok.encode(" leading space"), skip_special_tokens=True) == "leading space"
+    assert tok.decode(tok.encode("  two"), skip_special_tokens=True) == " two"
+    assert tok.decode(tok.encode("    def f():\n"), skip_special_tokens=True) == "   def f():\n"
+    # a space after a control token or inside the text is kept
+    text = f"{CONTROL[0]} x {CONTROL[1]}  y"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_a_leading_control_token_has_no_prefix(tok):
     ids = tok.encode(f"{CONTROL[0]}Hello", add_special_tokens=False)
     assert ids[0] == tok.convert_tokens_to_ids(CONTROL[0])
     assert tok.decode(ids) == f"{CONTROL[0]}Hello"

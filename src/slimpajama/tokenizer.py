@@ -2,17 +2,21 @@
 
 Ids 0-3 are `<unk>`, `<s>`, `</s>`, `<pad>` (Llama's order, plus a pad token); control tokens such
 as `<|style:formal|>` are SentencePiece user-defined symbols, so they are always single tokens.
-Byte fallback and the identity normaliser make `decode(encode(text)) == text` for any Unicode text.
 The saved folder (`tokenizer.model` + `tokenizer_config.json`) also loads with
-`transformers.AutoTokenizer` as a `LlamaTokenizer`.
+`transformers.AutoTokenizer` as a `LlamaTokenizer`, and `encode` and `decode` give exactly its ids and
+text. Where that differs from SentencePiece alone, we follow transformers: a text that starts with a
+space gets no extra dummy-prefix space (so " x" encodes as "x" does), U+2581 ("▁") reads as a space,
+and the strings of the special tokens are those tokens. Byte fallback and the identity normaliser
+make `decode(encode(text), skip_special_tokens=True) == text` for any other Unicode text.
 
-Untrusted text: SentencePiece matches a control-token string anywhere in its input, so a user who
-types `<|task:translate|>` would inject a control code. `encode(..., split_special_tokens=True)`
-encodes such strings as plain text (several ordinary tokens that decode back to the same string).
-The default is False, as in transformers: a prompt template written by the application puts its
-control tokens in by their strings. Encode the application's parts (template, control) with the
-default and the end user's text with `split_special_tokens=True`, then concatenate the ids; the
-fine-tuning data module does exactly this with the `input` and `output` fields of every example.
+Untrusted text: a user who types `<|task:translate|>` or `</s>` would inject a control code or end
+the sequence. `encode(..., split_special_tokens=True)` encodes such strings as plain text (several
+ordinary tokens that decode back to the same string). The default is False, as in transformers: a
+prompt template written by the application puts its control tokens in by their strings. Encode the
+application's parts (template, control) with the default and the end user's text with
+`split_special_tokens=True`, then concatenate the ids; the fine-tuning data module does exactly this
+with the `input` and `output` fields of every example. The corpus (`encode_batch`) reads the special
+tokens' strings as text too.
 """
 
 import json
@@ -62,6 +66,9 @@ class SlimPajamaTokenizer:
             raise ValueError(f"control tokens {missing} are not in the SentencePiece model")
         self.control_token_ids = [self.sp.piece_to_id(t) for t in self.control_tokens]
         self.newline_id = self.sp.piece_to_id("\n")
+        self._controls = _alternation(self.control_tokens)  # read as single tokens by SentencePiece itself
+        self._tokens = _alternation([*SPECIAL_TOKENS.values(), *self.control_tokens])  # and by encode()
+        self._unspoken = {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id}
         self.all_special_ids = sorted(
             {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id, *self.control_token_ids}
         )
@@ -123,55 +130,46 @@ class SlimPajamaTokenizer:
         tail = self.sp.encode("\n" + text)
         return tail[tail.index(self.newline_id) + 1 :]
 
-    def _starts_with_control(self, text: str) -> bool:
-        return any(text.startswith(t) for t in self.control_tokens)
+    def _encode_text(self, text: str, as_tokens: Optional[re.Pattern], continuation: bool = False) -> list[int]:
+        """The ids transformers' LlamaTokenizer (legacy=False) gives `text`.
 
-    def _encode_plain(self, text: str, continuation: bool = False) -> list[int]:
-        """`_encode_one` that never emits a control token: each control-token string in `text` is
-        encoded as its first character, then the rest, as separate ordinary text, so neither half is a
-        user-defined symbol; the ids decode back to the same string."""
-        if not any(t in text for t in self.control_tokens):
-            return self._encode_one(text, continuation)
-        pattern = "|".join(re.escape(t) for t in sorted(self.control_tokens, key=len, reverse=True))
+        as_tokens: the strings read as single tokens, found anywhere in the text (None: none; a
+        control-token string is then plain text, several ordinary tokens). The text between them is
+        SentencePiece's, which reads U+2581 ("▁") as a space, as transformers does. The dummy-prefix
+        space goes only before the start of the text, and not when the text starts with a space: that
+        space stands for it, so " x" and "x" encode alike. continuation: `text` continues earlier ids
+        (no dummy prefix)."""
+        parts = as_tokens.split(text) if as_tokens is not None else [text]  # text, token, text, ...
         ids: list[int] = []
-        for i, part in enumerate(re.split(f"({pattern})", text)):  # plain, control, plain, ...
-            if not part:
-                continue
+        for i, part in enumerate(parts):
             if i % 2:
-                ids += self._encode_one(part[0], continuation or bool(ids))
-                ids += self._encode_plain(part[1:], continuation=True)  # the rest may hold another token
-            else:
-                ids += self._encode_one(part, continuation or bool(ids))
+                ids.append(self.sp.piece_to_id(part))
+            elif part:
+                prefix = i == 0 and not continuation and not part.startswith((" ", SPACE_MARKER))
+                ids += self._encode_ordinary(part, prefix)
         return ids
 
-    def _encode_one(self, text: str, continuation: bool = False) -> list[int]:
-        """SentencePiece's ids, with two refinements.
-
-        Text that starts with a control token gets no dummy-prefix space before it, as in
-        transformers' LlamaTokenizer (legacy=False): `<|style:formal|>Hello` is [control, H, ...].
-        SentencePiece reads a literal U+2581 ("▁") in the input as its space marker, so it would
-        decode as a space: emit it as its three UTF-8 byte tokens and encode each following segment
-        without the dummy-prefix space. continuation: `text` continues earlier ids (no dummy prefix)."""
-        if SPACE_MARKER not in text:
-            return self._encode_piece(text, dummy_prefix=not (continuation or self._starts_with_control(text)))
-        first, *rest = text.split(SPACE_MARKER)
-        ids = []
-        if first:
-            ids = self._encode_piece(first, dummy_prefix=not (continuation or self._starts_with_control(first)))
-        marker = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode("utf-8")]
-        for part in rest:
-            ids += marker
+    def _encode_ordinary(self, text: str, dummy_prefix: bool) -> list[int]:
+        """SentencePiece's ids with no control token among them: SentencePiece would read a control-token
+        string as the token, so each is encoded as its first character, then the rest, as separate text
+        (the ids decode back to the same string)."""
+        if self._controls is None or not self._controls.search(text):
+            return self._encode_piece(text, dummy_prefix)
+        ids: list[int] = []
+        for i, part in enumerate(self._controls.split(text)):  # text, control, text, ...
             if part:
-                ids += self._encode_piece(part, dummy_prefix=False)
+                ids += self._encode_piece(part[0] if i % 2 else part, dummy_prefix and not ids)
+                if i % 2:
+                    ids += self._encode_ordinary(part[1:], False)
         return ids
 
     def encode(
         self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
         split_special_tokens: bool = False,
     ):
-        """split_special_tokens=True: control-token strings in `text` are plain text (for untrusted
-        input, see the module docstring); False (default): they are single control tokens."""
-        ids = self._encode_plain(text) if split_special_tokens else self._encode_one(text)
+        """split_special_tokens=True: control-token and special-token strings in `text` are plain text
+        (for untrusted input, see the module docstring); False (default): they are those tokens."""
+        ids = self._encode_text(text, None if split_special_tokens else self._tokens)
         if add_special_tokens:
             ids = [self.bos_token_id] + ids
         if return_tensors == "pt":
@@ -183,18 +181,17 @@ class SlimPajamaTokenizer:
     def encode_continuation(self, text: str, split_special_tokens: bool = True) -> list[int]:
         """Ids of `text` as it continues earlier ids (no dummy-prefix space, no bos): the pieces of a
         prompt built from trusted and untrusted parts are encoded one by one and concatenated."""
-        if split_special_tokens:
-            return self._encode_plain(text, continuation=True)
-        return self._encode_one(text, continuation=True)
+        return self._encode_text(text, None if split_special_tokens else self._tokens, continuation=True)
 
     def encode_batch(
         self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, num_threads: int = -1
     ) -> list[list[int]]:
-        """Fast multi-threaded encoding of many texts (for corpus tokenization)."""
+        """Fast multi-threaded encoding of many texts (for corpus tokenization): `encode`'s ids, except
+        that the strings of `<s>`, `</s>`, `<pad>` and `<unk>` are plain text (a document's text is data)."""
         out = self.sp.encode(list(texts), num_threads=num_threads)
         for i, text in enumerate(texts):
-            if SPACE_MARKER in text or self._starts_with_control(text):
-                out[i] = self._encode_one(text)
+            if text.startswith((" ", SPACE_MARKER)) or (self._controls is not None and self._controls.match(text)):
+                out[i] = self._encode_text(text, self._controls)  # no dummy prefix there
         bos, eos = [self.bos_token_id] * add_bos, [self.eos_token_id] * add_eos
         return [bos + ids + eos for ids in out]
 
@@ -241,13 +238,31 @@ class SlimPajamaTokenizer:
         return BatchEncoding(input_ids=batch, attention_mask=masks)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """transformers' text for `ids`: special tokens as their strings (`<s>`, `</s>`, `<pad>`, `<unk>`,
+        control tokens) unless skip_special_tokens; only the first token loses its leading space (the
+        dummy prefix), so in `[<s>, ▁Hello]` the space stays: "<s> Hello"."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
         # ids past the tokenizer (the model's vocab may be padded) decode to nothing
-        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if not self._unspoken.intersection(ids):
+            return self.sp.decode(ids)
+        # SentencePiece decodes <s>, </s> and <pad> to nothing and <unk> to " ⁇ ": put their strings in
+        # between runs of the other ids; a run after one decodes behind "\n", which keeps its first space
+        text, run, first = [], [], True
+        for i in ids + [None]:
+            if i is None or i in self._unspoken:
+                if run:
+                    text.append(self.sp.decode(run) if first else self.sp.decode([self.newline_id] + run)[1:])
+                if i is not None:
+                    text.append(self.sp.id_to_piece(i))
+                run, first = [], False
+            else:
+                run.append(i)
+        return "".join(text)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(s, skip_special_tokens) for s in sequences]
@@ -336,6 +351,13 @@ class SlimPajamaTokenizer:
         import hashlib
 
         return hashlib.sha256(self._proto).hexdigest()[:16]
+
+
+def _alternation(strings: Sequence[str]) -> Optional[re.Pattern]:
+    """A pattern that matches any of `strings`, the longest first, as one group (None: no strings)."""
+    if not strings:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)) + ")")
 
 
 class _BytesWriter:

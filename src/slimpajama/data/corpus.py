@@ -31,7 +31,7 @@ from slimpajama.tokenizer import SlimPajamaTokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents that start with a space, or hold U+2581, encode as in transformers
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
