@@ -72,21 +72,30 @@ def test_defaults_come_from_generation_config_json(tmp_path):
     assert loaded.generate(ids, max_new_tokens=2).shape == (1, 7)  # an argument beats the file
 
 
+PROCESSORS = [{}, {"repetition_penalty": 0.5}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+              {"no_repeat_ngram_size": 1}]
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_left_padded_batch_gives_each_prompts_own_greedy_output(n_kv_head):
+@pytest.mark.parametrize("processors", PROCESSORS, ids=str)
+def test_left_padded_batch_gives_each_prompts_own_greedy_output(n_kv_head, processors):
+    """Also with the logits processors that read the ids so far: the padding is not among them (a
+    penalty below 1 rewarded the pad token, which a padded row then generated)."""
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny(n_kv_head=n_kv_head)).eval()
+    with torch.no_grad():  # the pad token's logit high, so that rewarding it would show
+        model.lm_head.weight[model.config.pad_token_id] = model.lm_head.weight[4:].mean(0) + 0.05
     prompts = [torch.randint(4, VOCAB, (n,)) for n in (9, 3, 6)]
-    alone = [greedy(model, p[None], n=15)[0] for p in prompts]
+    alone = [greedy(model, p[None], n=15, **processors)[0] for p in prompts]
     width = max(len(p) for p in prompts)
     ids = torch.full((3, width), model.config.pad_token_id)
     mask = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    batched = greedy(model, ids, n=15, attention_mask=mask)
+    batched = greedy(model, ids, n=15, attention_mask=mask, **processors)
     for i, p in enumerate(prompts):
         assert torch.equal(batched[i, width - len(p):], alone[i]), i
-    assert torch.equal(greedy(model, ids, n=15), batched)  # the mask is inferred from leading pad tokens
+    assert torch.equal(greedy(model, ids, n=15, **processors), batched)  # the mask is inferred from leading pads
 
 
 def test_right_padding_is_refused(model):
@@ -234,6 +243,10 @@ def test_repetition_penalty_matches_hand_computation():
     scores = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     out = repetition_penalty_(scores.clone(), torch.tensor([[0, 1, 1]]), 2.0)
     assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    # left padding (id 3 here) does not count as seen
+    valid = torch.tensor([[False, False, True, True]])
+    out = repetition_penalty_(scores.clone(), torch.tensor([[3, 3, 0, 1]]), 2.0, valid)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
 
 
 def test_no_repeat_ngram_bans_the_completing_token():
@@ -241,6 +254,12 @@ def test_no_repeat_ngram_bans_the_completing_token():
     out = no_repeat_ngram_(torch.zeros(1, 10), seqs, 3)
     assert out[0, 7] == float("-inf") and (out[0, torch.arange(10) != 7] == 0).all()
     assert (no_repeat_ngram_(torch.zeros(1, 10), seqs, 1)[0, [5, 6, 7]] == float("-inf")).all()
+    # an n-gram that overlaps the left padding (id 0 here) does not count
+    padded, valid = torch.tensor([[0, 0, 1, 0]]), torch.tensor([[False, False, True, True]])
+    assert (no_repeat_ngram_(torch.zeros(1, 10), padded, 2, valid) == 0).all()  # (0, 0) and (0, 1) overlap it
+    assert no_repeat_ngram_(torch.zeros(1, 10), padded, 2)[0, 1] == float("-inf")  # without valid: "0 1" counts
+    out = no_repeat_ngram_(torch.zeros(1, 10), padded, 1, valid)
+    assert out[0, 1] == out[0, 0] == float("-inf") and (out[0, 2:] == 0).all()  # 0 is also a real token here
 
 
 def test_no_repeat_ngram_in_generation(model):
@@ -478,3 +497,9 @@ def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, 
     mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16,
                          do_sample=False, eos_token_id=-1)
     assert torch.equal(mine, expected)
+    for penalty in (0.8, 1.3):  # transformers leaves the left padding out of the penalty, as we do
+        expected = hf.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=3,
+                               repetition_penalty=penalty)
+        mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16,
+                             do_sample=False, eos_token_id=-1, repetition_penalty=penalty)
+        assert torch.equal(mine, expected), penalty

@@ -34,23 +34,36 @@ log = logging.getLogger(__name__)
 
 
 # ---- logits processors: (B, V) scores in, (B, V) scores out --------------------------------------
-def repetition_penalty_(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def repetition_penalty_(
+    scores: torch.Tensor, seen: torch.Tensor, penalty: float, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """CTRL's penalty, as in HF: a seen token's logit is divided by `penalty` if positive, multiplied
-    if negative. seen: (B, L) ids already in each sequence (prompt included)."""
-    picked = scores.gather(1, seen)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return scores.scatter_(1, seen, picked)
+    if negative. seen: (B, L) ids already in each sequence (prompt included); valid: (B, L), False at
+    left padding, whose ids do not count (as in transformers, which skips the padding too)."""
+    if valid is not None:
+        seen = seen.masked_fill(~valid, scores.size(1))  # padding points past the vocabulary
+    hit = torch.zeros(scores.size(0), scores.size(1) + 1, dtype=torch.bool, device=scores.device)
+    hit = hit.scatter_(1, seen, True)[:, :-1]
+    return torch.where(hit, torch.where(scores < 0, scores * penalty, scores / penalty), scores, out=scores)
 
 
-def no_repeat_ngram_(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
-    """Forbid any token that would complete an n-gram already in the sequence. seqs: (B, L)."""
+def no_repeat_ngram_(
+    scores: torch.Tensor, seqs: torch.Tensor, n: int, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Forbid any token that would complete an n-gram already in the sequence. seqs: (B, L); valid:
+    (B, L), False at left padding: an n-gram that overlaps it does not count."""
     L = seqs.size(1)
     if L < n:
         return scores
     if n == 1:
-        return scores.scatter_(1, seqs, float("-inf"))
+        if valid is not None:
+            seqs = seqs.masked_fill(~valid, scores.size(1))
+        banned = torch.zeros(scores.size(0), scores.size(1) + 1, dtype=torch.bool, device=scores.device)
+        return scores.masked_fill_(banned.scatter_(1, seqs, True)[:, :-1], float("-inf"))
     grams = seqs.unfold(1, n, 1)  # (B, L - n + 1, n)
     matches = (grams[:, :, :-1] == seqs[:, L - n + 1 :][:, None, :]).all(-1)  # (B, L - n + 1)
+    if valid is not None:
+        matches &= valid.unfold(1, n, 1).all(-1)
     rows, cols = matches.nonzero(as_tuple=True)
     scores[rows, grams[rows, cols, -1]] = float("-inf")
     return scores
@@ -503,6 +516,7 @@ def generate(
             decode_kernel = "blocks" if compile else fastest_decode_kernel(model, B)
         model.setup_kv_cache(B, limit if compile else total, kernel=decode_kernel)
     try:
+        processed = repetition_penalty != 1.0 or no_repeat_ngram_size > 0  # the processors that read the ids
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
         some_done = False  # whether a row has finished
         logits = forward(0, T)  # the prefill
@@ -510,10 +524,11 @@ def generate(
             if guided:  # rows n_rows.. are the unconditional twins of rows ..n_rows
                 lp = logits.float().log_softmax(-1)
                 logits = lp[n_rows:] + guidance_scale * (lp[:n_rows] - lp[n_rows:])
+            real = mask[:n_rows, :pos].bool() if left_padded and processed else None  # padding does not count
             if repetition_penalty != 1.0:
-                logits = repetition_penalty_(logits.float(), out[:n_rows, :pos], repetition_penalty)
+                logits = repetition_penalty_(logits.float(), out[:n_rows, :pos], repetition_penalty, real)
             if no_repeat_ngram_size > 0:
-                logits = no_repeat_ngram_(logits.float(), out[:n_rows, :pos], no_repeat_ngram_size)
+                logits = no_repeat_ngram_(logits.float(), out[:n_rows, :pos], no_repeat_ngram_size, real)
             nxt = sample_next(logits, temperature, top_k, top_p, min_p, do_sample, generator)
             if some_done:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
