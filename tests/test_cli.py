@@ -52,6 +52,21 @@ def test_a_control_token_the_model_does_not_know_is_refused_with_those_it_knows(
     assert main([str(folder), "-p", "the river", "--control", "write formally", "--max-new-tokens", "2"]) == 0
 
 
+@pytest.mark.parametrize("command", ["generate", "explain"])
+def test_a_prompt_template_with_another_field_is_refused_naming_the_file(tmp_path, tok, command, capsys):
+    from slimpajama.explain import main as explain_main
+
+    torch.manual_seed(0)
+    config = SlimPajamaConfig(vocab_size=VOCAB, n_layer=1, n_head=2, d_model=16, intermediate_size=32, max_seq_len=32)
+    SlimPajamaModel(config).save_pretrained(tmp_path, generation_config={"prompt_template": "{instruction}{input}"})
+    tok.save_pretrained(tmp_path)
+    run = main if command == "generate" else explain_main
+    with pytest.raises(SystemExit, match=r"generation_config.json: prompt_template '\{instruction\}\{input\}' must "
+                                         r"use only \{control\} and \{input\}"):
+        run([str(tmp_path), "-p", "the river", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out == ""  # nothing generated
+
+
 def test_several_sequences_are_numbered(folder, capsys):
     main([str(folder), "-p", "the", "--temperature", "1.0", "--num-return-sequences", "2", "--seed", "0",
           "--max-new-tokens", "5"])

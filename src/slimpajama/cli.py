@@ -17,12 +17,9 @@ from typing import Optional
 
 import torch
 
-from slimpajama.generation import TextStreamer
+from slimpajama.generation import TextStreamer, build_prompt, prompt_template
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
-
-DEFAULT_TEMPLATE = "{control}{input}"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimpajama-generate", description=__doc__.split("\n\n")[0])
@@ -82,8 +79,15 @@ def check_control(tokenizer: SlimPajamaTokenizer, model: str, flag: str, control
                          "An instruction in plain words works with any model.")
 
 
-def format_prompt(template: str, control: str, text: str) -> str:
-    return template.format(control=control, input=text)
+def checked_template(model, name: str) -> str:
+    """The model's prompt template, or an exit naming the file when it uses a field other than
+    {control} and {input}."""
+    template = prompt_template(model)
+    try:
+        build_prompt(template, "", "")
+    except ValueError as e:
+        raise SystemExit(f"{name}: generation_config.json: {e}") from e
+    return template
 
 
 def complete(model, tokenizer, prompt: str, kwargs: dict, stream: bool, out=None) -> list[str]:
@@ -117,7 +121,7 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
         line = inp.readline()
         if not line.strip():
             return
-        turn = format_prompt(template, args.control, line.strip())
+        turn = build_prompt(template, args.control, line.strip())
         if not turn.endswith("\n"):
             turn += "\n"
         context = history + turn
@@ -133,13 +137,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     check_control(tokenizer, args.model, "--control", args.control)
     model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
-    template = (getattr(model, "generation_config", {}) or {}).get("prompt_template", DEFAULT_TEMPLATE)
+    template = checked_template(model, args.model)
     kwargs = generation_kwargs(args)
     if args.chat:
         chat(model, tokenizer, args, kwargs, template)
         return 0
     text = args.prompt if args.prompt is not None else sys.stdin.read()
-    complete(model, tokenizer, format_prompt(template, args.control, text), kwargs, stream=not args.no_stream)
+    complete(model, tokenizer, build_prompt(template, args.control, text), kwargs, stream=not args.no_stream)
     return 0
 
 

@@ -35,12 +35,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from slimpajama.generation import build_prompt, prompt_template
 from slimpajama.model import Attention, apply_rope
 from slimpajama.tokenizer import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "{control}{input}"
 JSON_FILE, HTML_FILE = "explanation.json", "report.html"
 ROUND = 6  # attention weights are kept to 1e-6: a 4-layer report stays ~1 MB of JSON
 MAX_HTML_ATTENTION = 2_000_000  # per-head attention numbers embedded in the HTML; beyond it, head means only
@@ -198,13 +198,6 @@ def _rank(logprobs: torch.Tensor, token: int) -> int:
 
 
 # ---- building the prompt and the sequence ---------------------------------------------------------
-def build_prompt(template: str, control: Optional[str], prompt: str) -> str:
-    try:
-        return template.format(control=control or "", input=prompt)
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"prompt_template {template!r} must use only {{control}} and {{input}}") from e
-
-
 def _continuation_ids(tokenizer, prompt_ids: list, prompt_text: str, continuation: Union[str, Sequence[int]]) -> list:
     """Token ids of `continuation` after the prompt: the tokenizer's own split of prompt + continuation
     when it keeps the prompt's tokens, else the continuation encoded on its own without a leading space."""
@@ -283,7 +276,7 @@ def explain(
         raise ValueError("explain needs the tokenizer of the model (or a model folder to load both from)")
     config = model.config
     if template is None:
-        template = (getattr(model, "generation_config", None) or {}).get("prompt_template", DEFAULT_TEMPLATE)
+        template = prompt_template(model)
     n_layer = config.n_layer
     layers = list(range(n_layer)) if layers is None else sorted({i % n_layer if -n_layer <= i < 0 else i for i in layers})
     bad = [i for i in layers if not 0 <= i < n_layer]
@@ -750,7 +743,7 @@ def _int_list(text: str, what: str) -> list:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from slimpajama.cli import check_control
+    from slimpajama.cli import check_control, checked_template
     from slimpajama.pretrained import SlimPajamaModel
     from slimpajama.tokenizer import SlimPajamaTokenizer
 
@@ -768,7 +761,8 @@ def main(argv: Optional[list] = None) -> int:
         gen["seed"] = args.seed
     if heads != "mean" and any(not 0 <= h < model.config.n_head for h in heads):
         raise SystemExit(f"slimpajama-explain: --heads {args.heads}: the model has {model.config.n_head} heads")
-    ex = explain(model, tokenizer, args.prompt, control=args.control, alt_control=args.alt_control,
+    ex = explain(model, tokenizer, args.prompt, template=checked_template(model, args.model), control=args.control,
+                 alt_control=args.alt_control,
                  continuation=args.continuation, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                  layers=layers, max_attention_rows=args.max_attention_rows, generate_kwargs=gen)
     ex.model["name"] = args.model

@@ -33,6 +33,24 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 log = logging.getLogger(__name__)
 
 
+DEFAULT_TEMPLATE = "{control}{input}"
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+def prompt_template(model) -> str:
+    """The model's prompt template: the fine-tuning stage saves it in generation_config.json, so a
+    control signal lands where training put it; other models take "{control}{input}"."""
+    return (getattr(model, "generation_config", None) or {}).get("prompt_template", DEFAULT_TEMPLATE)
+
+
+def build_prompt(template: str, control: Optional[str], text: str) -> str:
+    """`template` with `control` (None: none) and the user's `text` in place of {control} and {input}."""
+    try:
+        return template.format(control=control or "", input=text)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"prompt_template {template!r} must use only {{control}} and {{input}}") from e
+
+
 # ---- logits processors: (B, V) scores in, (B, V) scores out --------------------------------------
 def repetition_penalty_(
     scores: torch.Tensor, seen: torch.Tensor, penalty: float, valid: Optional[torch.Tensor] = None
