@@ -52,7 +52,8 @@ def check_template(template: str) -> tuple[str, str]:
 def encode_prompt(tokenizer: SlimPajamaTokenizer, template: str, control: str, text: str) -> list[int]:
     """bos + the template around `control` (control tokens kept) and `text` (encoded as plain text).
     Equal to `tokenizer.encode(template.format(control=control, input=text))` when `text` holds no
-    control-token string and the template puts no text right before `{input}` that could merge with it."""
+    control- or special-token string (`<|...|>`, `</s>`) and the template puts no text right before
+    `{input}` that could merge with it."""
     before, after = check_template(template)
     ids = tokenizer.encode(before.format(control=control))
     if len(ids) > 1:
