@@ -21,6 +21,7 @@ from slimpajama.generation import TextStreamer, build_prompt, prompt_template
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimpajama-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default="slimpajama",

@@ -762,9 +762,8 @@ def main(argv: Optional[list] = None) -> int:
     if heads != "mean" and any(not 0 <= h < model.config.n_head for h in heads):
         raise SystemExit(f"slimpajama-explain: --heads {args.heads}: the model has {model.config.n_head} heads")
     ex = explain(model, tokenizer, args.prompt, template=checked_template(model, args.model), control=args.control,
-                 alt_control=args.alt_control,
-                 continuation=args.continuation, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                 layers=layers, max_attention_rows=args.max_attention_rows, generate_kwargs=gen)
+                 alt_control=args.alt_control, continuation=args.continuation, max_new_tokens=args.max_new_tokens,
+                 top_k=args.top_k, layers=layers, max_attention_rows=args.max_attention_rows, generate_kwargs=gen)
     ex.model["name"] = args.model
     paths = ex.save(args.out, png=not args.no_png, heads=heads)
     out = sys.stdout

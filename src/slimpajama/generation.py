@@ -30,10 +30,8 @@ from slimpajama.model import (
 )
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+DEFAULT_TEMPLATE = "{control}{input}"  # the prompt of a model whose generation_config.json has none
 log = logging.getLogger(__name__)
-
-
-DEFAULT_TEMPLATE = "{control}{input}"
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
