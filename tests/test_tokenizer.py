@@ -10,7 +10,7 @@ import torch
 
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
-from conftest import CONTROL, VOCAB, chinese, english  # the `tok` fixture is in conftest too
+from conftest import CONTROL, VOCAB, WORDS, chinese, english  # the `tok` fixture is in conftest too
 
 
 ROUND_TRIP = {
@@ -299,6 +299,29 @@ def test_transformers_autotokenizer_parity_on_random_mixtures(tok, tmp_path, mon
             for skip in (False, True):
                 assert tok.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), (text, split, skip)
                 assert tok.decode(ids[1:], skip) == hf.decode(ids[1:], skip_special_tokens=skip), (text, split, skip)
+
+
+def test_transformers_parity_of_control_strings_read_as_text_where_they_could_merge(tmp_path, monkeypatch):
+    """With split_special_tokens a control-token string is plain text, and its "<" merges with a space before
+    it ("▁<") where the vocabulary has that piece, as in code; also for control tokens added after training."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(4)
+    code = ["if a < b:", "x <y", "return a <= b", "<a href>", "a|b", "x |> y"]
+    texts = [" ".join(rng.choice(code + WORDS) for _ in range(12)) for _ in range(300)]
+    t = SlimPajamaTokenizer.train(texts, 320, [CONTROL[0]], num_threads=1)
+    t.add_control_tokens(["<|source:code|>"])
+    assert " <" in t.decode(t.encode("a <b", add_special_tokens=False)) and "▁<" in t.convert_ids_to_tokens(
+        t.encode("a <b", add_special_tokens=False))
+    t.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    parts = [" ", "▁", "x", " <", "<", "|>", CONTROL[0], "<|source:code|>", "</s>", "\n"]
+    for _ in range(300):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 6)))
+        for split in (False, True):
+            ids = t.encode(text, split_special_tokens=split)
+            assert ids == hf(text, split_special_tokens=split)["input_ids"], (text, split)
+            assert t.decode(ids) == hf.decode(ids), (text, split)
 
 
 def test_a_leading_space_stands_for_the_dummy_prefix_as_in_transformers(tok):

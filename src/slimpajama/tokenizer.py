@@ -67,6 +67,7 @@ class SlimPajamaTokenizer:
         self.control_token_ids = [self.sp.piece_to_id(t) for t in self.control_tokens]
         self.newline_id = self.sp.piece_to_id("\n")
         self._controls = _alternation(self.control_tokens)  # read as single tokens by SentencePiece itself
+        self._sp_plain = None  # a copy that reads them as text (`_encode_ordinary`)
         self._tokens = _alternation([*SPECIAL_TOKENS.values(), *self.control_tokens])  # and by encode()
         self._unspoken = {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id}
         self.all_special_ids = sorted(
@@ -123,11 +124,12 @@ class SlimPajamaTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def _encode_piece(self, text: str, dummy_prefix: bool = True) -> list[int]:
+    def _encode_piece(self, text: str, dummy_prefix: bool = True, sp=None) -> list[int]:
+        sp = sp or self.sp
         if dummy_prefix:
-            return self.sp.encode(text)
+            return sp.encode(text)
         # "\n" is a single token and nothing after it gets the dummy-prefix space: encode behind one
-        tail = self.sp.encode("\n" + text)
+        tail = sp.encode("\n" + text)
         return tail[tail.index(self.newline_id) + 1 :]
 
     def _encode_text(self, text: str, as_tokens: Optional[re.Pattern], continuation: bool = False) -> list[int]:
@@ -150,18 +152,20 @@ class SlimPajamaTokenizer:
         return ids
 
     def _encode_ordinary(self, text: str, dummy_prefix: bool) -> list[int]:
-        """SentencePiece's ids with no control token among them: SentencePiece would read a control-token
-        string as the token, so each is encoded as its first character, then the rest, as separate text
-        (the ids decode back to the same string)."""
+        """SentencePiece's ids with no control token among them. SentencePiece reads a control-token
+        string as the token, so text that holds one is encoded by a copy of the model in which the control
+        tokens are unused pieces: the same merges as transformers' BPE, which never forms them either."""
         if self._controls is None or not self._controls.search(text):
             return self._encode_piece(text, dummy_prefix)
-        ids: list[int] = []
-        for i, part in enumerate(self._controls.split(text)):  # text, control, text, ...
-            if part:
-                ids += self._encode_piece(part[0] if i % 2 else part, dummy_prefix and not ids)
-                if i % 2:
-                    ids += self._encode_ordinary(part[1:], False)
-        return ids
+        if self._sp_plain is None:
+            from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+            proto = spm_pb2.ModelProto()
+            proto.ParseFromString(self._proto)
+            for i in self.control_token_ids:
+                proto.pieces[i].type = spm_pb2.ModelProto.SentencePiece.UNUSED
+            self._sp_plain = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._encode_piece(text, dummy_prefix, self._sp_plain)
 
     def encode(
         self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
