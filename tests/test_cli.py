@@ -36,6 +36,12 @@ def test_every_sampling_option_reaches_generate():
     assert generation_kwargs(build_parser().parse_args(["m", "--compile"]))["compile"] is True
 
 
+def test_stop_strings_read_the_escapes_a_shell_passes_literally():
+    """`--stop "\\n\\n"` in a shell is backslash, n, backslash, n: it stops at a blank line, as the README says."""
+    args = build_parser().parse_args(["m", "--stop", r"\n\n", "--stop", r"\t|\r", "--stop", r"a\\n", "--stop", r"\x 。"])
+    assert generation_kwargs(args)["stop_strings"] == ["\n\n", "\t|\r", "a\\n", "\\x 。"]
+
+
 def test_prompt_with_control_streams_the_greedy_continuation(folder, tok, capsys):
     assert main([str(folder), "--prompt", "the river", "--control", CONTROL[0], "--greedy", "--max-new-tokens", "12"]) == 0
     printed = capsys.readouterr().out

@@ -12,6 +12,7 @@ A control token the model does not know (`<|style:formal|>` for the demo's model
 """
 
 import argparse
+import re
 import sys
 from typing import Optional
 
@@ -20,6 +21,15 @@ import torch
 from slimpajama.generation import TextStreamer, build_prompt, prompt_template
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`text` with the escapes \\n, \\t, \\r and \\\\ read as the characters (a shell passes "\\n" as two);
+    any other backslash stays."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m[1], m[0]), text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--no-repeat-ngram-size", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--stop", action="append", default=None, type=unescape,
+                   help=r'a stop string (repeatable); \n, \t, \r and \\ are read as in Python: --stop "\n\n"')
     g.add_argument("--num-return-sequences", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
     r = p.add_argument_group("runtime")
