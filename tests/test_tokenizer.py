@@ -32,8 +32,8 @@ ROUND_TRIP = {
 
 @pytest.mark.parametrize("name", sorted(ROUND_TRIP))
 def test_exact_round_trip(tok, name):
-    """Any text that does not start with a space and holds no special-token string comes back exactly
-    (a leading space: `test_a_leading_space_stands_for_the_dummy_prefix_as_in_transformers`)."""
+    """Any text that does not start with a space and holds no special-token string or U+2581 comes back
+    exactly (a leading space: `test_a_leading_space_stands_for_the_dummy_prefix_as_in_transformers`)."""
     text = ROUND_TRIP[name]
     ids = tok.encode(text)
     assert ids[0] == tok.bos_token_id
