@@ -50,16 +50,22 @@ def build_prompt(template: str, control: Optional[str], text: str) -> str:
 
 
 # ---- logits processors: (B, V) scores in, (B, V) scores out --------------------------------------
+def seen_tokens(ids: torch.Tensor, vocab_size: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, V) bool: which tokens each row of ids (B, L) holds; valid: (B, L), False at left padding,
+    whose ids do not count."""
+    if valid is not None:
+        ids = ids.masked_fill(~valid, vocab_size)  # padding points past the vocabulary
+    hit = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.bool, device=ids.device)
+    return hit.scatter_(1, ids, True)[:, :-1]
+
+
 def repetition_penalty_(
     scores: torch.Tensor, seen: torch.Tensor, penalty: float, valid: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """CTRL's penalty, as in HF: a seen token's logit is divided by `penalty` if positive, multiplied
     if negative. seen: (B, L) ids already in each sequence (prompt included); valid: (B, L), False at
     left padding, whose ids do not count (as in transformers, which skips the padding too)."""
-    if valid is not None:
-        seen = seen.masked_fill(~valid, scores.size(1))  # padding points past the vocabulary
-    hit = torch.zeros(scores.size(0), scores.size(1) + 1, dtype=torch.bool, device=scores.device)
-    hit = hit.scatter_(1, seen, True)[:, :-1]
+    hit = seen_tokens(seen, scores.size(1), valid)
     return torch.where(hit, torch.where(scores < 0, scores * penalty, scores / penalty), scores, out=scores)
 
 
@@ -72,10 +78,7 @@ def no_repeat_ngram_(
     if L < n:
         return scores
     if n == 1:
-        if valid is not None:
-            seqs = seqs.masked_fill(~valid, scores.size(1))
-        banned = torch.zeros(scores.size(0), scores.size(1) + 1, dtype=torch.bool, device=scores.device)
-        return scores.masked_fill_(banned.scatter_(1, seqs, True)[:, :-1], float("-inf"))
+        return scores.masked_fill_(seen_tokens(seqs, scores.size(1), valid), float("-inf"))
     grams = seqs.unfold(1, n, 1)  # (B, L - n + 1, n)
     matches = (grams[:, :, :-1] == seqs[:, L - n + 1 :][:, None, :]).all(-1)  # (B, L - n + 1)
     if valid is not None:

@@ -69,10 +69,9 @@ class SlimPajamaTokenizer:
         self._controls = _alternation(self.control_tokens)  # read as single tokens by SentencePiece itself
         self._sp_plain = None  # a copy that reads them as text (`_encode_ordinary`)
         self._tokens = _alternation([*SPECIAL_TOKENS.values(), *self.control_tokens])  # and by encode()
+        # the special tokens SentencePiece does not print (decode puts their strings in)
         self._unspoken = {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id}
-        self.all_special_ids = sorted(
-            {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id, *self.control_token_ids}
-        )
+        self.all_special_ids = sorted(self._unspoken | set(self.control_token_ids))
 
     # ---- training -------------------------------------------------------------------------
     @classmethod
@@ -147,7 +146,7 @@ class SlimPajamaTokenizer:
             if i % 2:
                 ids.append(self.sp.piece_to_id(part))
             elif part:
-                prefix = i == 0 and not continuation and not part.startswith((" ", SPACE_MARKER))
+                prefix = i == 0 and not continuation and not _starts_with_space(part)
                 ids += self._encode_ordinary(part, prefix)
         return ids
 
@@ -194,7 +193,7 @@ class SlimPajamaTokenizer:
         that the strings of `<s>`, `</s>`, `<pad>` and `<unk>` are plain text (a document's text is data)."""
         out = self.sp.encode(list(texts), num_threads=num_threads)
         for i, text in enumerate(texts):
-            if text.startswith((" ", SPACE_MARKER)) or (self._controls is not None and self._controls.match(text)):
+            if _starts_with_space(text) or (self._controls is not None and self._controls.match(text)):
                 out[i] = self._encode_text(text, self._controls)  # no dummy prefix there
         bos, eos = [self.bos_token_id] * add_bos, [self.eos_token_id] * add_eos
         return [bos + ids + eos for ids in out]
@@ -355,6 +354,11 @@ class SlimPajamaTokenizer:
         import hashlib
 
         return hashlib.sha256(self._proto).hexdigest()[:16]
+
+
+def _starts_with_space(text: str) -> bool:
+    """Whether the space at the start of `text` stands for the dummy prefix (transformers' rule)."""
+    return text.startswith((" ", SPACE_MARKER))
 
 
 def _alternation(strings: Sequence[str]) -> Optional[re.Pattern]:
