@@ -74,6 +74,34 @@ def test_remote_url_reads_the_same_batches_as_the_local_folder(tiny_overrides, t
     assert list((tmp_path / "stream-cache").rglob("chunk-*.bin"))  # chunks were fetched into the cache
 
 
+@pytest.mark.parametrize("version", [None, 1])
+def test_a_remote_copy_prepared_in_another_format_is_refused_naming_the_url(tiny_overrides, tmp_path, version):
+    """A bucket copy made by an older version holds tokens the tokenizer no longer gives: refused, not trained on."""
+    import json
+    import shutil
+
+    from hydra.utils import instantiate
+
+    from slimpajama.data.corpus import FORMAT_VERSION
+    from slimpajama.data.reader import CorpusError
+
+    local = instantiate(compose_cfg(tiny_overrides, tmp_path).data.module)
+    local.prepare_data()
+    local.setup()
+    assert local.prepared.manifest["format_version"] == FORMAT_VERSION
+    old = shutil.copytree(local.prepared.root, tmp_path / "bucket" / "textcorpus-old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    if version is None:
+        del manifest["format_version"]
+    else:
+        manifest["format_version"] = version
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    remote = instantiate(compose_cfg(tiny_overrides, tmp_path).data.module, remote_url=f"local:{old}",
+                         stream_cache_dir=str(tmp_path / "stream-cache"))
+    with pytest.raises(CorpusError, match=rf"data.remote_url=local:{old}.*reads format {FORMAT_VERSION}"):
+        remote.setup()
+
+
 def test_a_sharded_fsdp_checkpoint_consolidates_into_one_model_folder(tmp_path):
     """The folder layout Lightning's FSDPStrategy writes with state_dict_type=sharded (torch.distributed.
     checkpoint shards of {"model", "optimizer_0"} + meta.pt), consolidated on one CPU process."""

@@ -113,7 +113,7 @@ class _Corpus:
         tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        manifest = self._build(tmp, progress)  # paths in it are relative to the root
+        manifest = {"format_version": FORMAT_VERSION, **self._build(tmp, progress)}  # paths relative to root
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
@@ -138,6 +138,13 @@ class _Corpus:
         except Exception as e:
             raise FileNotFoundError(f"data.remote_url={url}: cannot read {url}/{MANIFEST} ({e})") from e
         manifest = json.loads((root / MANIFEST).read_text())
+        if (version := manifest.get("format_version")) != FORMAT_VERSION:
+            made = f"format {version}" if version else "an older format (the manifest names none)"
+            raise CorpusError(
+                f"data.remote_url={url}: {url}/{MANIFEST} was prepared in {made}, and this version of "
+                f"slimpajama reads format {FORMAT_VERSION} (its tokens would not match what the tokenizer "
+                f"gives now). Run the job once without data.remote_url to build data/cache/textcorpus-<key>/ "
+                f"again, and copy that folder to the bucket.")
         if t := manifest.get("tokenizer_dir"):
             (root / t).mkdir(exist_ok=True)
             for name in (MODEL_FILE, CONFIG_FILE):
