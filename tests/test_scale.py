@@ -82,22 +82,22 @@ def test_a_remote_copy_prepared_in_another_format_is_refused_naming_the_url(tiny
 
     from hydra.utils import instantiate
 
-    from slimpajama.data.corpus import FORMAT_VERSION
+    from slimpajama.data.corpus import FORMAT_VERSION, MANIFEST
     from slimpajama.data.reader import CorpusError
 
-    local = instantiate(compose_cfg(tiny_overrides, tmp_path).data.module)
+    cfg = compose_cfg(tiny_overrides, tmp_path)
+    local = instantiate(cfg.data.module)
     local.prepare_data()
     local.setup()
     assert local.prepared.manifest["format_version"] == FORMAT_VERSION
     old = shutil.copytree(local.prepared.root, tmp_path / "bucket" / "textcorpus-old")
-    manifest = json.loads((old / "manifest.json").read_text())
+    manifest = json.loads((old / MANIFEST).read_text())
     if version is None:
         del manifest["format_version"]
     else:
         manifest["format_version"] = version
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    remote = instantiate(compose_cfg(tiny_overrides, tmp_path).data.module, remote_url=f"local:{old}",
-                         stream_cache_dir=str(tmp_path / "stream-cache"))
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    remote = instantiate(cfg.data.module, remote_url=f"local:{old}", stream_cache_dir=str(tmp_path / "stream-cache"))
     with pytest.raises(CorpusError, match=rf"data.remote_url=local:{old}.*reads format {FORMAT_VERSION}"):
         remote.setup()
 
