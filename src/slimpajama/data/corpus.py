@@ -143,8 +143,8 @@ class _Corpus:
             raise CorpusError(
                 f"data.remote_url={url}: {url}/{MANIFEST} was prepared in {made}, and this version of "
                 f"slimpajama reads format {FORMAT_VERSION} (its tokens would not match what the tokenizer "
-                f"gives now). Run the job once without data.remote_url to build data/cache/textcorpus-<key>/ "
-                f"again, and copy that folder to the bucket.")
+                f"gives now). Run the job once without data.remote_url to build the corpus folder under "
+                f"data.cache_dir again (data/cache/textcorpus-<key>/ by default), and copy it to the bucket.")
         if t := manifest.get("tokenizer_dir"):
             (root / t).mkdir(exist_ok=True)
             for name in (MODEL_FILE, CONFIG_FILE):
