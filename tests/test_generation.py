@@ -10,7 +10,7 @@ import torch
 
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
 from slimpajama.generation import (
-    TextIteratorStreamer, TextStreamer, draw, fastest_decode_kernel, generate, no_repeat_ngram_,
+    StopStrings, TextIteratorStreamer, TextStreamer, draw, fastest_decode_kernel, generate, no_repeat_ngram_,
     repetition_penalty_, sample_next, warp,
 )
 
@@ -406,6 +406,21 @@ def test_stop_strings_stop_after_the_string(model, tok):
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(ids, max_new_tokens=5, stop_strings=["x"])
 
+
+
+def test_stop_strings_never_match_a_character_the_window_cuts(tok):
+    """The window of ids a stop string is looked for in starts at a character's first byte: 😀 is four
+    byte-fallback ids, and a window starting after the first would decode its other three to U+FFFD."""
+    emoji = tok.encode("😀", add_special_tokens=False)
+    emoji = emoji[-4:]  # without the dummy prefix's "▁", if it has its own id
+    assert [tok.convert_ids_to_tokens(i) for i in emoji] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    stops = StopStrings(["\ufffdc"], tok)  # window 10: 4 * 2 + 2 ids
+    after = tok.encode_continuation("c d e f g h i j k l")[: stops.window - 3]
+    ids = torch.tensor([emoji + after])  # the last 10 ids start at the emoji's second byte
+    assert tok.decode(ids[0]).startswith("😀c") and tok.decode(ids[0, 1:]).startswith("\ufffd")
+    assert stops(ids).tolist() == [False]
+    assert StopStrings(["😀c", "x"], tok)(ids).tolist() == [True]  # the whole character still matches
+    assert StopStrings(["\ufffdc"], tok)(torch.tensor([tok.encode("a\ufffdc", add_special_tokens=False)])).tolist() == [True]
 
 def test_the_issue_example_runs(tmp_path, tok, capsys):
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import queue
+import re
 import statistics
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -233,7 +234,9 @@ class TextIteratorStreamer(TextStreamer):
 # ---- stop strings -------------------------------------------------------------------------------
 class StopStrings:
     """Stops a row once its new text contains any of `strings`. Decodes only the last tokens that
-    could hold the longest string (each character is at most 4 byte-fallback tokens)."""
+    could hold the longest string (each character is at most 4 byte-fallback tokens), from the start
+    of a character: a window that would begin inside one starts at its first byte instead, so that the
+    bytes cut off do not decode to U+FFFD characters that a stop string could match."""
 
     def __init__(self, strings: Union[str, Sequence[str]], tokenizer):
         if tokenizer is None:
@@ -241,14 +244,20 @@ class StopStrings:
         self.strings = [strings] if isinstance(strings, str) else list(strings)
         self.tokenizer = tokenizer
         self.window = 4 * max(len(s) for s in self.strings) + 2
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        # byte-fallback pieces <0x80> .. <0xBF>: the bytes of a UTF-8 character after its first
+        self.continuation = {i for i, p in enumerate(pieces) if re.fullmatch(r"<0x[89AB][0-9A-F]>", p)}
 
     def __call__(self, new_ids: torch.Tensor) -> torch.Tensor:
         """new_ids (B, n) generated so far -> (B,) bool: a stop string has appeared."""
-        tail = new_ids[:, -self.window :].tolist()
-        return torch.tensor(
-            [any(s in self.tokenizer.decode(row, skip_special_tokens=False) for s in self.strings) for row in tail],
-            device=new_ids.device,
-        )
+        stopped = []
+        for row in new_ids[:, -self.window - 3 :].tolist():  # a character's first byte is at most 3 before
+            start = max(0, len(row) - self.window)
+            while start > 0 and row[start] in self.continuation:
+                start -= 1
+            text = self.tokenizer.decode(row[start:], skip_special_tokens=False)
+            stopped.append(any(s in text for s in self.strings))
+        return torch.tensor(stopped, device=new_ids.device)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
