@@ -407,7 +407,6 @@ def test_stop_strings_stop_after_the_string(model, tok):
         model.generate(ids, max_new_tokens=5, stop_strings=["x"])
 
 
-
 def test_stop_strings_never_match_a_character_the_window_cuts(tok):
     """The window of ids a stop string is looked for in starts at a character's first byte: 😀 is four
     byte-fallback ids, and a window starting after the first would decode its other three to U+FFFD."""
@@ -421,6 +420,7 @@ def test_stop_strings_never_match_a_character_the_window_cuts(tok):
     assert stops(ids).tolist() == [False]
     assert StopStrings(["😀c", "x"], tok)(ids).tolist() == [True]  # the whole character still matches
     assert StopStrings(["\ufffdc"], tok)(torch.tensor([tok.encode("a\ufffdc", add_special_tokens=False)])).tolist() == [True]
+
 
 def test_the_issue_example_runs(tmp_path, tok, capsys):
     torch.manual_seed(0)

@@ -19,7 +19,6 @@ import functools
 import logging
 import math
 import queue
-import re
 import statistics
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -244,9 +243,11 @@ class StopStrings:
         self.strings = [strings] if isinstance(strings, str) else list(strings)
         self.tokenizer = tokenizer
         self.window = 4 * max(len(s) for s in self.strings) + 2
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        # byte-fallback pieces <0x80> .. <0xBF>: the bytes of a UTF-8 character after its first
-        self.continuation = {i for i, p in enumerate(pieces) if re.fullmatch(r"<0x[89AB][0-9A-F]>", p)}
+        # the ids of the byte-fallback pieces <0x80> .. <0xBF>, the bytes of a UTF-8 character after its
+        # first: 64 look-ups (a missing piece comes back as the unknown token's id, which is not it)
+        pieces = [f"<0x{b:02X}>" for b in range(0x80, 0xC0)]
+        ids = tokenizer.convert_tokens_to_ids(pieces)
+        self.continuation = {i for i, p in zip(ids, pieces) if tokenizer.convert_ids_to_tokens(i) == p}
 
     def __call__(self, new_ids: torch.Tensor) -> torch.Tensor:
         """new_ids (B, n) generated so far -> (B,) bool: a stop string has appeared."""
