@@ -3,11 +3,12 @@ structured shrinking (shapes, save/load, transformers), every method through the
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import compose_cfg
 from slimpajama import SlimPajamaConfig, SlimPajamaModel, pruning
@@ -303,6 +304,30 @@ def test_recovery_none_trains_nothing_and_init_from_null_finds_the_pretrained_mo
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3  # nano: 4 layers, one dropped
     assert len(list((out / "model").glob("tokenizer*"))) >= 1
+
+
+def test_the_dense_file_size_is_counted_for_a_registry_name_and_for_shards(teacher, tmp_path, corpus_dir):
+    dense_folder = teacher / "logs" / "latest" / "pretrain" / "model"
+    overrides = ["prune.recovery=none", "prune.method=structured", "prune.generation_tokens=0"]
+    metrics, _ = prune_run(teacher, [*overrides, "stage.module.init_from=slimpajama/pretrain"], tmp_path / "name",
+                           corpus_dir)
+    assert metrics["prune/file_bytes_dense"] == (dense_folder / "model.safetensors").stat().st_size
+    assert metrics["prune/file_ratio"] == metrics["model/file_bytes"] / metrics["prune/file_bytes_dense"]
+    assert "prune/ppl_final" in metrics and "prune/ppl_recovered" not in metrics  # no recovery ran
+    sharded = tmp_path / "sharded"  # the same weights in two shards and an index, as transformers writes them
+    shutil.copytree(dense_folder, sharded)
+    sd = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(sharded / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    metrics, _ = prune_run(teacher, [*overrides, f"stage.module.init_from={sharded}"], tmp_path / "shards", corpus_dir)
+    shards = sum(f.stat().st_size for f in sharded.glob("model-*.safetensors"))
+    assert metrics["prune/file_bytes_dense"] == shards
 
 
 def test_a_vocabulary_mismatch_is_a_clear_error(teacher, tmp_path, corpus_dir):

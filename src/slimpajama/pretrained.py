@@ -110,6 +110,21 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model folder: model.safetensors, or the shards its index names (as
+    transformers writes large models). A folder with neither is an error that names any pickles there."""
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    if (directory / WEIGHTS_INDEX).is_file():
+        index = json.loads((directory / WEIGHTS_INDEX).read_text())
+        return [directory / shard for shard in sorted(set(index["weight_map"].values()))]
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+    raise FileNotFoundError(
+        f"{directory}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} found"
+        + (f" ({', '.join(pickled)} are pickles, which we never load: convert them to safetensors)" if pickled else "")
+    )
+
+
 class SlimPajamaModel(Transformer):
     """The model users load, train and generate with."""
 
@@ -167,17 +182,7 @@ class SlimPajamaModel(Transformer):
         config_path = directory / CONFIG_FILE
         hf_config = json.loads(config_path.read_text())
         config = config_from_hf(hf_config, str(config_path))
-        if (directory / WEIGHTS_FILE).is_file():
-            files = [directory / WEIGHTS_FILE]
-        elif (directory / WEIGHTS_INDEX).is_file():  # sharded, as transformers writes large models
-            index = json.loads((directory / WEIGHTS_INDEX).read_text())
-            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
-        else:
-            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
-            raise FileNotFoundError(
-                f"{directory}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} found"
-                + (f" ({', '.join(pickled)} are pickles, which we never load: convert them to safetensors)" if pickled else "")
-            )
+        files = weight_files(directory)
         hf_sd = {}
         for f in files:
             hf_sd.update(load_file(str(f)))

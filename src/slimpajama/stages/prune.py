@@ -35,8 +35,8 @@ from slimpajama import pruning
 from slimpajama.generation import tokens_per_sec
 from slimpajama.losses import linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
-from slimpajama.pretrained import WEIGHTS_FILE, SlimPajamaModel
-from slimpajama.registry import latest_model
+from slimpajama.pretrained import WEIGHTS_FILE, SlimPajamaModel, weight_files
+from slimpajama.registry import latest_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,11 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         if method == "structured" and schedule != "oneshot":
             raise ValueError("prune.schedule=gradual needs an unstructured method (magnitude or wanda): "
                              "structured pruning changes the shapes once, before recovery")
-        self.source = Path(init_from) if init_from else latest_model(["distill", "pretrain"], log_dir=log_dir)
+        # the folder itself, for a registry name or a run folder too: its config and weight files are read below
+        if init_from:
+            self.source = resolve_model(init_from, log_dir)
+        else:
+            self.source = latest_model(["distill", "pretrain"], log_dir=log_dir)
         self.model = SlimPajamaModel.from_pretrained(self.source).train()
         log.info("pruning %s (%.2fM parameters) by %s to sparsity %s", self.source, self.model.num_params() / 1e6,
                  method, sparsity)
@@ -326,11 +330,10 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         module over its saved parts: qkv over q/k/v_proj): 1 - its nonzeros / its size in the dense model,
         so a structured model's removed rows count as pruned; overall over every prunable module of the
         dense model (a dropped layer counts whole)."""
-        saved, dense = Path(model_dir) / WEIGHTS_FILE, self.source / WEIGHTS_FILE
+        saved = Path(model_dir) / WEIGHTS_FILE
         m = {"model/file_bytes": saved.stat().st_size}
-        if dense.is_file():
-            m["prune/file_bytes_dense"] = dense.stat().st_size
-            m["prune/file_ratio"] = m["model/file_bytes"] / m["prune/file_bytes_dense"]
+        m["prune/file_bytes_dense"] = sum(f.stat().st_size for f in weight_files(self.source))  # shards summed
+        m["prune/file_ratio"] = m["model/file_bytes"] / m["prune/file_bytes_dense"]
         kept, total = 0, 0
         with safe_open(str(saved), framework="pt") as f:
             names = set(f.keys())
