@@ -77,6 +77,34 @@ def test_bad_settings_name_the_key():
         pruning.prunable_modules(tiny_model(), ["layers.*.attn.nothing"])
     with pytest.raises(ValueError, match="prune.structured.heads"):
         pruning.structured_prune(tiny_model(), batches(), heads=0.9)
+    with pytest.raises(ValueError, match="prune.structured.hidden keeps 29 hidden channels"):  # odd: no head count fits
+        pruning.structured_prune(tiny_model(), batches(), hidden=0.1)
+    with pytest.raises(ValueError, match="prune.structured.layer_metric='cos'"):  # even with no block dropped
+        pruning.structured_prune(tiny_model(), batches(), layer_metric="cos")
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"prunable": []}, "prune.prunable is empty"),
+    ({"method": "wanda", "prunable": ["embed_tokens"]}, "prune.prunable: embed_tokens is an embedding"),
+    ({"schedule": "gradual", "gradual": {"every": 0}}, r"prune.gradual.every=0"),
+    ({"schedule": "gradual", "gradual": {"initial_sparsity": 0.6}}, r"prune.gradual.initial_sparsity=0.6"),
+])
+def test_bad_stage_settings_fail_before_any_pruning(tmp_path, overrides, match):
+    from slimpajama.stages.prune import PruneModule
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=match):
+        PruneModule(optimizer=torch.optim.AdamW, init_from=str(tmp_path / "model"), **overrides)
+
+
+def test_a_tied_weight_is_pruned_and_counted_as_the_head():
+    model = tiny_model(tie_embeddings=True)
+    modules = pruning.prunable_modules(model, ["embed_tokens", "lm_head", "layers.0.mlp.down_proj"])
+    assert list(modules) == ["layers.0.mlp.down_proj", "lm_head"]  # once, under the Linear (activations as inputs)
+    from slimpajama.stages.prune import saved_tensor_names
+
+    assert saved_tensor_names("lm_head", tied=True) == ["model.embed_tokens.weight"]  # what a tied folder saves
+    assert saved_tensor_names("lm_head") == ["lm_head.weight"]
 
 
 def test_wanda_scores_match_a_hand_computation():

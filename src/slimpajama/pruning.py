@@ -40,6 +40,7 @@ from slimpajama.model import RMSNorm, rope_cache
 
 DEFAULT_PRUNABLE = ("layers.*.self_attn.qkv", "layers.*.self_attn.o_proj", "layers.*.mlp.gate_up", "layers.*.mlp.down_proj")
 SCOPES = ("global", "layer", "row")
+LAYER_METRICS = ("cosine", "loss")  # structured depth pruning's block importance (layer_importance)
 
 
 # ----------------------------------------------------------------------------- which weights
@@ -51,8 +52,9 @@ log = logging.getLogger(__name__)
 def prunable_modules(model: nn.Module, patterns: Sequence[str] = DEFAULT_PRUNABLE) -> dict[str, nn.Module]:
     """Modules whose name matches one of the fnmatch `patterns` (e.g. `layers.*.mlp.gate_up`), in model
     order. Linear layers (and, for magnitude pruning, embeddings); a weight shared by two modules (tied
-    embeddings) is listed once. Every pattern must match something."""
-    found, seen, hits = {}, set(), {p: 0 for p in patterns}
+    embeddings) is listed once, under the Linear where both match (`lm_head`: its inputs are activations,
+    the embedding's are token ids). Every pattern must match something."""
+    found, seen, hits = {}, {}, {p: 0 for p in patterns}  # seen: id(weight) -> the name it is listed under
     for name, module in model.named_modules():
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
         if not matched:
@@ -62,8 +64,13 @@ def prunable_modules(model: nn.Module, patterns: Sequence[str] = DEFAULT_PRUNABL
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             raise ValueError(f"prune.prunable: {name} (matched by {matched[0]!r}) is a {type(module).__name__}, "  # noqa: TRY004 (a config error)
                              "not a Linear or Embedding")
-        if id(module.weight) not in seen:
-            seen.add(id(module.weight))
+        first = seen.get(id(module.weight))
+        if first is None:
+            seen[id(module.weight)] = name
+            found[name] = module
+        elif isinstance(found[first], nn.Embedding) and isinstance(module, nn.Linear):
+            del found[first]
+            seen[id(module.weight)] = name
             found[name] = module
     missing = [p for p, n in hits.items() if n == 0]
     if missing:
@@ -317,7 +324,7 @@ def layer_importance(model: nn.Module, batches: Sequence[torch.Tensor], metric: 
         finally:
             model.layers = layers
         return score
-    raise ValueError(f"prune.structured.layer_metric={metric!r}: expected 'cosine' or 'loss'")
+    raise ValueError(f"prune.structured.layer_metric={metric!r}: expected one of {', '.join(LAYER_METRICS)}")
 
 
 def _n_removed(n: int, fraction: float, what: str) -> int:
@@ -333,6 +340,10 @@ def _loadable_groups(keep: int, group_size: int, d_model: int, n_groups: int) ->
     """transformers requires hidden_size to be a multiple of num_attention_heads: the number of kept
     query groups nearest to `keep` (more kept on a tie) for which d_model % (groups * group_size) == 0."""
     valid = [g for g in range(1, n_groups + 1) if d_model % (g * group_size) == 0]
+    if not valid:
+        raise ValueError(f"prune.structured.hidden keeps {d_model} hidden channels, which no number of query groups "
+                         f"of {group_size} heads divides (transformers needs hidden_size to be a multiple of "
+                         f"num_attention_heads): choose a fraction that keeps a multiple of {group_size}")
     best = min(valid, key=lambda g: (abs(g - keep), -g))
     if best != keep:
         log.warning("structured pruning keeps %d query groups instead of %d: transformers needs hidden size %d "
@@ -396,8 +407,15 @@ def structured_prune(model: nn.Module, batches: Sequence[torch.Tensor], heads: f
     channels, `layers` of the blocks; each rounded half up, the same count in every layer.
     Depth first (blocks ranked by `layer_importance`), then width ranked by `width_importance` on the
     remaining blocks. Returns (new model, what was kept)."""
+    if layer_metric not in LAYER_METRICS:  # checked even when no block is dropped: a typo is still a typo
+        raise ValueError(f"prune.structured.layer_metric={layer_metric!r}: expected one of {', '.join(LAYER_METRICS)}")
     c = model.config
     n_drop = _n_removed(c.n_layer, layers, "layers")
+    gs = c.n_head // c.n_kv_head
+    keep_groups = c.n_kv_head - _n_removed(c.n_kv_head, heads, "heads")
+    keep_channels = c.intermediate_size - _n_removed(c.intermediate_size, channels, "channels")
+    keep_hidden = c.d_model - _n_removed(c.d_model, hidden, "hidden")
+    keep_groups = _loadable_groups(keep_groups, gs, keep_hidden, c.n_kv_head)  # before the importance passes
     kept_layers = list(range(c.n_layer))
     if n_drop:
         score = layer_importance(model, batches, layer_metric)
@@ -408,11 +426,6 @@ def structured_prune(model: nn.Module, batches: Sequence[torch.Tensor], heads: f
         imp = width_importance(model, batches)
     finally:
         model.layers = all_layers
-    gs = c.n_head // c.n_kv_head
-    keep_groups = c.n_kv_head - _n_removed(c.n_kv_head, heads, "heads")
-    keep_channels = c.intermediate_size - _n_removed(c.intermediate_size, channels, "channels")
-    keep_hidden = c.d_model - _n_removed(c.d_model, hidden, "hidden")
-    keep_groups = _loadable_groups(keep_groups, gs, keep_hidden, c.n_kv_head)
     group_imp = imp["heads"].view(len(kept_layers), c.n_kv_head, gs).sum(-1)  # a query group: its query heads
     groups = [_top(group_imp[j], keep_groups) for j in range(len(kept_layers))]
     chans = [_top(imp["channels"][j], keep_channels) for j in range(len(kept_layers))]

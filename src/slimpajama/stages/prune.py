@@ -49,11 +49,12 @@ _SAVED_NAMES = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_
                 "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def saved_tensor_names(module_name: str) -> list[str]:
+def saved_tensor_names(module_name: str, tied: bool = False) -> list[str]:
     """Names in the saved safetensors of the weights of one of our modules (`layers.0.mlp.gate_up` ->
-    `model.layers.0.mlp.gate_proj.weight`, `model.layers.0.mlp.up_proj.weight`)."""
+    `model.layers.0.mlp.gate_proj.weight`, `model.layers.0.mlp.up_proj.weight`). With tied embeddings
+    the head's weight is saved once, as the embedding's."""
     if module_name == "lm_head":
-        return ["lm_head.weight"]
+        return ["model.embed_tokens.weight" if tied else "lm_head.weight"]
     for fused, parts in _SAVED_NAMES.items():
         if module_name.endswith(fused):
             base = module_name.removesuffix(fused)
@@ -130,10 +131,24 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.save_hyperparameters({"init_from": str(self.source), "method": method, "sparsity": sparsity, "scope": scope,
                                    "schedule": schedule, "recovery": recovery})
-        pruning.prunable_modules(self.model, self.prunable)  # bad patterns fail here, not after calibration
+        modules = pruning.prunable_modules(self.model, self.prunable)  # bad patterns fail here, not after calibration
+        if not modules:
+            raise ValueError("prune.prunable is empty: list the modules to prune, e.g. 'layers.*.mlp.down_proj'")
+        embeddings = [n for n, m in modules.items() if isinstance(m, torch.nn.Embedding)]
+        if method == "wanda" and embeddings:
+            raise ValueError(f"prune.prunable: {embeddings[0]} is an embedding, whose inputs are token ids, not the "
+                             "activations Wanda scores; prune it with prune.method=magnitude, or list lm_head "
+                             "instead (the same weight when the embeddings are tied)")
+        if schedule == "gradual":
+            initial, every = self.gradual.get("initial_sparsity", 0.0), self.gradual.get("every", 10)
+            if not 0.0 <= initial <= sparsity:
+                raise ValueError(f"prune.gradual.initial_sparsity={initial} must be in [0, prune.sparsity={sparsity}]: "
+                                 "masks only grow")
+            if not isinstance(every, int) or every < 1:
+                raise ValueError(f"prune.gradual.every={every} must be a whole number of steps >= 1")
         self.dense_params = self.model.num_params()
         # saved tensor name -> its size in the dense model, per prunable module
-        self.dense_prunable = {n: self._saved_sizes(n, m) for n, m in pruning.prunable_modules(self.model, self.prunable).items()}
+        self.dense_prunable = {n: self._saved_sizes(n, m) for n, m in modules.items()}
         self.masks: dict[str, torch.Tensor] = {}
         self.input_norms: dict[str, torch.Tensor] = {}
         self.current_sparsity = 0.0
@@ -142,7 +157,8 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         self.val_loss = MeanMetric()
 
     def _saved_sizes(self, name: str, module: torch.nn.Module) -> dict[str, int]:
-        c, parts = self.model.config, saved_tensor_names(name)
+        c = self.model.config
+        parts = saved_tensor_names(name, c.tie_embeddings)
         if name.endswith("self_attn.qkv"):
             rows = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
         else:
