@@ -104,6 +104,8 @@ def test_a_tied_weight_is_pruned_and_counted_as_the_head():
     from slimpajama.stages.prune import saved_tensor_names
 
     assert saved_tensor_names("lm_head", tied=True) == ["model.embed_tokens.weight"]  # what a tied folder saves
+    with pytest.raises(ValueError, match="embed_tokens is an embedding"):  # token ids are no activations
+        pruning.input_sq_sums(model, batches(), {"embed_tokens": model.embed_tokens})
     assert saved_tensor_names("lm_head") == ["lm_head.weight"]
 
 

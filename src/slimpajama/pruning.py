@@ -183,6 +183,9 @@ def input_sq_sums(model: nn.Module, batches: Iterable[torch.Tensor], modules: di
                   stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Sum over all calibration tokens of x_j^2 for the input x of each module (forward hooks).
     `stop_after`: a block after which the forward pass is cut short (its outputs are not needed)."""
+    embeddings = [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
+    if embeddings:
+        raise ValueError(f"{embeddings[0]} is an embedding: its inputs are token ids, not activations to measure")
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name):
