@@ -27,11 +27,11 @@ def test_every_sampling_option_reaches_generate():
     args = build_parser().parse_args(
         ["m", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--min-p", "0.1", "--repetition-penalty", "1.2",
          "--no-repeat-ngram-size", "3", "--stop", "END", "--stop", "\n\n", "--num-return-sequences", "2", "--seed", "4",
-         "--max-new-tokens", "9"])
+         "--max-new-tokens", "9", "--min-new-tokens", "3"])
     assert generation_kwargs(args) == {
         "temperature": 0.7, "top_k": 5, "top_p": 0.9, "min_p": 0.1, "repetition_penalty": 1.2,
         "no_repeat_ngram_size": 3, "stop_strings": ["END", "\n\n"], "num_return_sequences": 2, "seed": 4,
-        "max_new_tokens": 9}
+        "max_new_tokens": 9, "min_new_tokens": 3}
     assert generation_kwargs(build_parser().parse_args(["m", "--greedy", "--temperature", "1"]))["do_sample"] is False
     assert generation_kwargs(build_parser().parse_args(["m", "--compile"]))["compile"] is True
 

@@ -72,6 +72,20 @@ def test_defaults_come_from_generation_config_json(tmp_path):
     assert loaded.generate(ids, max_new_tokens=2).shape == (1, 7)  # an argument beats the file
 
 
+def test_the_files_sampling_settings_sample_only_where_it_sets_do_sample(tmp_path):
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny())
+    ids = torch.randint(4, VOCAB, (1, 5))
+    expected = greedy(model.eval(), ids, n=20)
+    model.save_pretrained(tmp_path / "a", generation_config={"temperature": 5.0, "top_k": 50, "eos_token_id": -1})
+    plain = SlimPajamaModel.from_pretrained(tmp_path / "a")
+    assert torch.equal(plain.generate(ids, max_new_tokens=20, seed=1), expected)  # greedy, as transformers
+    assert not torch.equal(plain.generate(ids, max_new_tokens=20, temperature=5.0, seed=1), expected)  # asked for
+    model.save_pretrained(tmp_path / "b", generation_config={"temperature": 5.0, "do_sample": True, "eos_token_id": -1})
+    sampling = SlimPajamaModel.from_pretrained(tmp_path / "b")
+    assert not torch.equal(sampling.generate(ids, max_new_tokens=20, seed=1), expected)
+
+
 PROCESSORS = [{}, {"repetition_penalty": 0.5}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
               {"no_repeat_ngram_size": 1}]
 
@@ -237,6 +251,46 @@ def test_eos_stops_a_row_and_pads_the_rest(model):
     if (free[1, 5:] == eos).any():
         return
     assert torch.equal(out[1], free[1, : out.size(1)])
+
+
+def test_eos_as_a_tensor_stops_as_a_list_does(model):
+    ids = torch.randint(4, VOCAB, (2, 5))
+    free = greedy(model, ids, n=10)
+    eos = [int(free[0, 7]), int(free[1, 9])]
+    expected = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    assert expected.size(1) < 15  # both rows ended
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=torch.tensor(eos)), expected)
+    one = model.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=torch.tensor(eos[0]))  # 0-d
+    assert torch.equal(one, expected[:1, : one.size(1)])
+
+
+def test_min_new_tokens_holds_the_end_back(model):
+    ids = torch.randint(4, VOCAB, (1, 5))
+    free = greedy(model, ids, n=20)
+    eos = int(free[0, 6])  # greedy's second new token
+    assert model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos).size(1) == 7
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos, min_new_tokens=8)
+    assert eos not in out[0, 5:13].tolist()  # the first 8 new tokens cannot be the end
+    assert torch.equal(out[0, 5:6], free[0, 5:6])  # before the banned token, greedy as usual
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos, min_length=13), out)
+
+
+def test_unknown_arguments_and_impossible_settings_are_errors(model):
+    ids = torch.randint(4, VOCAB, (1, 7))
+    with pytest.raises(TypeError, match=r"does not take \['max_new_token'\]"):  # a typo, not silently ignored
+        model.generate(ids, max_new_token=3)
+    with pytest.raises(TypeError, match="num_beams"):  # not supported: an error rather than greedy decoding
+        model.generate(ids, max_new_tokens=3, num_beams=4)
+    for kwargs, match in [({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+                          ({"max_length": 7, "max_new_tokens": None}, "max_length=7 leaves no room after a prompt of 7 tokens"),
+                          ({"temperature": float("nan")}, "temperature must be a finite number"),
+                          ({"top_k": -1}, "top_k must be a whole number >= 0"),
+                          ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
+                          ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+                          ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0"),
+                          ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(ids, **{"max_new_tokens": 3, **kwargs})
 
 
 def test_repetition_penalty_matches_hand_computation():
@@ -512,6 +566,13 @@ def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, 
     mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16,
                          do_sample=False, eos_token_id=-1)
     assert torch.equal(mine, expected)
+    for n in (8, 30):  # min_new_tokens with an end id that greedy decoding reaches early
+        ids = torch.tensor([tok.encode(texts[0])])
+        eos = int(hf.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=3)[0, -2])
+        expected = hf.generate(ids, max_new_tokens=40, min_new_tokens=n, do_sample=False, eos_token_id=eos,
+                               pad_token_id=3)
+        mine = ours.generate(ids, max_new_tokens=40, min_new_tokens=n, do_sample=False, eos_token_id=eos)
+        assert torch.equal(mine, expected), n
     for penalty in (0.8, 1.3):  # transformers leaves the left padding out of the penalty, as we do
         expected = hf.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=3,
                                repetition_penalty=penalty)

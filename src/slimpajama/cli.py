@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decoding (as in generate(); a sampling option samples unless --greedy)")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
+    g.add_argument("--min-new-tokens", type=int, default=None, help="new tokens before the end token may come")
     g.add_argument("--greedy", action="store_true", help="do_sample=False")
     g.add_argument("--do-sample", action="store_true", help="sample with the model's defaults")
     g.add_argument("--temperature", type=float, default=None)
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {
-        "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "min_new_tokens": args.min_new_tokens,
+        "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop_strings": args.stop,
         "num_return_sequences": args.num_return_sequences, "seed": args.seed,

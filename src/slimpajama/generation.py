@@ -16,6 +16,7 @@ conditioning, larger values push the output further towards what the control sig
 """
 
 import functools
+import inspect
 import logging
 import math
 import queue
@@ -263,11 +264,31 @@ class StopStrings:
 
 # ---- the loop -----------------------------------------------------------------------------------
 def _eos_ids(eos_token_id, default) -> list[int]:
+    """The end ids as ints, from an int, a list or a tensor of ids (as transformers takes them)."""
     if eos_token_id is None:
         eos_token_id = default
     if eos_token_id is None:
         return []
-    return list(eos_token_id) if isinstance(eos_token_id, Iterable) else [int(eos_token_id)]
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(i) for i in eos_token_id.flatten().tolist()]
+    return [int(i) for i in eos_token_id] if isinstance(eos_token_id, Iterable) else [int(eos_token_id)]
+
+
+def _check_settings(temperature: float, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size) -> None:
+    """A clear error for a setting that would otherwise decode nonsense (NaN logits, every token
+    filtered) or be silently ignored, as transformers checks them."""
+    if not temperature >= 0 or math.isinf(temperature):  # NaN fails both comparisons
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a whole number >= 0 (0: no top-k filtering), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if not repetition_penalty > 0 or math.isinf(repetition_penalty):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0: none), got {repetition_penalty}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {no_repeat_ngram_size}")
 
 
 def _with_unconditional(input_ids, attention_mask, negative_ids, negative_mask, num_return_sequences: int, pad: int):
@@ -418,6 +439,8 @@ def generate(
     attention_mask: Optional[torch.Tensor] = None,
     max_length: Optional[int] = None,
     max_new_tokens: Optional[int] = None,
+    min_length: Optional[int] = None,
+    min_new_tokens: Optional[int] = None,
     do_sample: Optional[bool] = None,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
@@ -439,13 +462,14 @@ def generate(
     guidance_scale: Optional[float] = None,
     negative_prompt_ids: Optional[torch.Tensor] = None,
     negative_prompt_attention_mask: Optional[torch.Tensor] = None,
-    **_unused,  # other generation_config.json keys (bos_token_id, transformers_version ...)
 ) -> torch.Tensor:
     """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding)
     -> (B * num_return_sequences, T + n): prompt + new ids; rows that finish early are filled with
     `pad_token_id`. Greedy unless sampling is asked for (`do_sample=True`, or any of temperature,
     top_k, top_p, min_p given without `do_sample=False`). `max_new_tokens` wins over `max_length`
-    (prompt included); with neither, decoding runs to the model's `max_seq_len`.
+    (prompt included); with neither, decoding runs to the model's `max_seq_len`. Before
+    `min_new_tokens` new tokens (or a length of `min_length`, prompt included) no end id is drawn,
+    as in transformers; stop strings still stop.
     `use_cache=False` recomputes the whole prefix every step (for comparison only).
     `compile=True` runs each one-token step of the cached loop through `torch.compile` (the prefill
     stays eager): the elementwise work between the matmuls is fused, which is most of a small
@@ -462,10 +486,7 @@ def generate(
     if do_sample is None:
         do_sample = any(v is not None for v in (temperature, top_k, top_p, min_p))
     temperature = 1.0 if temperature is None else float(temperature)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _check_settings(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size)
     if decode_kernel is not None:
         check_decode_kernel(decode_kernel)
     eos = _eos_ids(eos_token_id, config.eos_token_id)
@@ -496,8 +517,14 @@ def generate(
         compile = False
     B, T = input_ids.shape
     limit = config.max_seq_len
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens is None and max_length is not None and max_length <= T:
+        raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens "
+                         "(max_length counts the prompt): pass max_new_tokens instead")
     if max_new_tokens is None:
         max_new_tokens = (max_length or limit) - T
+    min_new = max(min_new_tokens or 0, (min_length or 0) - T)  # new tokens before an end id may be drawn
     if T > limit:
         raise ValueError(f"the prompt has {T} tokens but the model's max_seq_len is {limit}")
     total = min(T + max_new_tokens, limit)
@@ -505,6 +532,8 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
     eos = set(eos)
+    # the end ids inside the vocabulary (eos_token_id=-1 disables ending)
+    eos_index = torch.tensor([i for i in sorted(eos) if 0 <= i < config.vocab_size], dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(input_ids[:n_rows].cpu())
     if total <= T:
@@ -558,6 +587,8 @@ def generate(
                 logits = repetition_penalty_(logits.float(), out[:n_rows, :pos], repetition_penalty, real)
             if no_repeat_ngram_size > 0:
                 logits = no_repeat_ngram_(logits.float(), out[:n_rows, :pos], no_repeat_ngram_size, real)
+            if pos - T < min_new and len(eos_index):  # too early to end
+                logits = logits.float().index_fill(-1, eos_index, float("-inf"))
             nxt = sample_next(logits, temperature, top_k, top_p, min_p, do_sample, generator)
             if some_done:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -583,3 +614,7 @@ def generate(
         model.train(was_training)
         if streamer is not None:
             streamer.end()
+
+
+# the options `generate` takes after (model, input_ids, attention_mask): SlimPajamaModel.generate refuses others
+GENERATE_OPTIONS = frozenset(inspect.signature(generate).parameters) - {"model", "input_ids", "attention_mask"}

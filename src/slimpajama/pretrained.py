@@ -221,10 +221,20 @@ class SlimPajamaModel(Transformer):
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Hugging Face-style generation (see `slimpajama.generation.generate` for every option);
         defaults come from the folder's generation_config.json. Passing temperature, top_k, top_p or
-        min_p samples unless do_sample=False is passed too."""
+        min_p samples unless do_sample=False is passed too; the file's own sampling settings sample
+        only where it sets do_sample, as in transformers. An argument `generate` does not take is an
+        error, as in transformers, where it would otherwise be silently ignored."""
+        from slimpajama.generation import GENERATE_OPTIONS as options
         from slimpajama.generation import SAMPLING_KEYS, generate
 
-        defaults = dict(getattr(self, "generation_config", None) or {})
-        if "do_sample" not in kwargs and any(kwargs.get(k) is not None for k in SAMPLING_KEYS):
-            kwargs["do_sample"] = True  # the user asked for a sampling knob: sample
+        unknown = sorted(set(kwargs) - options)
+        if unknown:
+            raise TypeError(f"generate() does not take {unknown} (see slimpajama.generation.generate for the options)")
+        saved = dict(getattr(self, "generation_config", None) or {})
+        defaults = {k: v for k, v in saved.items() if k in options}  # not bos_token_id, prompt_template ...
+        if "do_sample" not in kwargs:
+            if any(kwargs.get(k) is not None for k in SAMPLING_KEYS):
+                kwargs["do_sample"] = True  # the user asked for a sampling knob: sample
+            else:
+                defaults.setdefault("do_sample", False)
         return generate(self, input_ids, attention_mask=attention_mask, **{**defaults, **kwargs})
