@@ -39,13 +39,18 @@ def test_signature_has_every_documented_option():
             "num_return_sequences", "seed", "generator", "streamer"} <= names
 
 
-def test_returns_prompt_plus_new_ids_and_max_length_counts_the_prompt(model):
+def test_returns_prompt_plus_new_ids_and_max_length_counts_the_prompt(model, caplog):
     ids = torch.randint(4, VOCAB, (1, 7))
     out = greedy(model, ids, n=5)
     assert out.shape == (1, 12) and torch.equal(out[:, :7], ids)
     assert model.generate(ids, max_length=10, do_sample=False, eos_token_id=-1).shape == (1, 10)
     assert model.generate(ids, max_length=10, max_new_tokens=3, eos_token_id=-1).shape == (1, 10)  # max_new_tokens wins
-    assert greedy(model, ids, n=500).shape == (1, 96)  # capped at max_seq_len
+    assert not caplog.records
+    assert greedy(model, ids, n=500).shape == (1, 96)  # capped at max_seq_len, and said so
+    assert "500 new tokens asked for after a 7-token prompt, but the model's max_seq_len is 96: at most 89" in caplog.text
+    caplog.clear()
+    assert model.generate(ids, do_sample=False, eos_token_id=-1).shape == (1, 96)  # no length: to max_seq_len
+    assert not caplog.records
 
 
 def test_a_sampling_knob_samples_and_do_sample_false_is_greedy(model):

@@ -522,11 +522,15 @@ def generate(
     if max_new_tokens is None and max_length is not None and max_length <= T:
         raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens "
                          "(max_length counts the prompt): pass max_new_tokens instead")
+    asked = max_new_tokens is not None or max_length is not None  # else: up to max_seq_len, as documented
     if max_new_tokens is None:
         max_new_tokens = (max_length or limit) - T
     min_new = max(min_new_tokens or 0, (min_length or 0) - T)  # new tokens before an end id may be drawn
     if T > limit:
         raise ValueError(f"the prompt has {T} tokens but the model's max_seq_len is {limit}")
+    if asked and T + max_new_tokens > limit:
+        log.warning("generate: %d new tokens asked for after a %d-token prompt, but the model's max_seq_len is %d: "
+                    "at most %d new tokens", max_new_tokens, T, limit, limit - T)
     total = min(T + max_new_tokens, limit)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
