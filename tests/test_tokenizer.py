@@ -181,6 +181,45 @@ def test_call_padding_max_length_and_truncation(tok):
         tok(texts, padding="max_length")
 
 
+def test_call_truncates_as_transformers_does_and_refuses_what_it_cannot_do(tok, caplog):
+    text = "the city by the river was new and the music was early"
+    full = tok.encode(text)
+    assert tok(text, max_length=4).input_ids == full[:4]  # max_length alone truncates, as transformers does
+    assert "max_length=4 without truncation" in caplog.text
+    assert tok(text, max_length=4, truncation=False).input_ids == full
+    assert tok(text, max_length=4, truncation="do_not_truncate").input_ids == full
+    assert tok(text, max_length=4, truncation="longest_first").input_ids == full[:4]
+    assert tok(text, padding="do_not_pad").input_ids == full
+    for kwargs, match in [({"padding": "longer"}, "padding='longer'"), ({"truncation": "yes"}, "truncation='yes'"),
+                          ({"padding_side": "top"}, "padding_side='top'"), ({"return_tensors": "np"}, "'np'")]:
+        with pytest.raises(ValueError, match=match):
+            tok(text, **kwargs)
+    with pytest.raises(TypeError):  # a second text (a pair) is not taken for `padding`
+        tok("a", "b")
+
+
+def test_batch_encoding_to_moves_the_tensors(tok):
+    enc = tok(["the world", "the city"], padding=True, return_tensors="pt").to("cpu")
+    assert isinstance(enc, type(tok("a"))) and enc.input_ids.device.type == "cpu"
+    assert enc.attention_mask.shape == enc.input_ids.shape
+    assert tok("the world").to("cpu").input_ids == tok.encode("the world")  # lists stay lists
+
+
+def test_padding_side_survives_save_and_load(tok, tmp_path):
+    tok.padding_side = "left"
+    try:
+        tok.save_pretrained(tmp_path)
+    finally:
+        tok.padding_side = "right"
+    loaded = type(tok).from_pretrained(tmp_path)
+    assert loaded.padding_side == "left"
+    enc = loaded(["Hi", "the city by the river"], padding=True)
+    assert enc.input_ids[0][0] == tok.pad_token_id and enc.attention_mask[0][0] == 0
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(["Hi", "the city by the river"], padding=True)["input_ids"] == enc.input_ids
+
+
 def test_batch_decode(tok):
     texts = ["The river.", "写一篇正式的文章", f"{CONTROL[1]}Translate this."]
     ids = [tok.encode(t) for t in texts]

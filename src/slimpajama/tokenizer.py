@@ -4,7 +4,9 @@ Ids 0-3 are `<unk>`, `<s>`, `</s>`, `<pad>` (Llama's order, plus a pad token); c
 as `<|style:formal|>` are SentencePiece user-defined symbols, so they are always single tokens.
 The saved folder (`tokenizer.model` + `tokenizer_config.json`) also loads with
 `transformers.AutoTokenizer` as a `LlamaTokenizer`, and `encode` and `decode` give exactly its ids and
-text. Where that differs from SentencePiece alone, we follow transformers: a text that starts with a
+text (but for ids that are not valid UTF-8 as a whole: a broken run of byte-fallback ids decodes as in
+SentencePiece, each bad byte a U+FFFD, where transformers' fast tokenizer makes every byte of the
+run one). Where that differs from SentencePiece alone, we follow transformers: a text that starts with a
 space gets no extra dummy-prefix space (so " x" encodes as "x" does), U+2581 ("▁") reads as a space,
 and the strings of the special tokens are those tokens. Byte fallback and the identity normaliser
 make `decode(encode(text), skip_special_tokens=True) == text` for any other Unicode text.
@@ -37,6 +39,8 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 SPACE_MARKER = "\u2581"  # SentencePiece's visible space
+PADDING = (True, False, "longest", "max_length", "do_not_pad")  # __call__'s padding, as in transformers
+TRUNCATION = (None, True, False, "longest_first", "only_first", "do_not_truncate")  # __call__'s truncation
 CONTROL_SHAPE = re.compile(r"<\|[^|\s]+\|>")  # the shape of control tokens: <|style:formal|>
 
 
@@ -48,6 +52,10 @@ class BatchEncoding(dict):
             return self[name]
         except KeyError as e:
             raise AttributeError(name) from e
+
+    def to(self, device: Union[str, torch.device]) -> "BatchEncoding":
+        """The tensors moved to `device` (as transformers' `BatchEncoding.to`); lists stay as they are."""
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
 
 
 class SlimPajamaTokenizer:
@@ -201,20 +209,38 @@ class SlimPajamaTokenizer:
     def __call__(
         self,
         text: Union[str, Sequence[str]],
+        *,
         padding: Union[bool, str] = False,
-        truncation: bool = False,
+        truncation: Union[bool, str, None] = None,
         max_length: Optional[int] = None,
         return_tensors: Optional[str] = None,
         add_special_tokens: bool = True,
         padding_side: Optional[str] = None,
         split_special_tokens: bool = False,
     ) -> BatchEncoding:
+        """transformers' rules for one text or a batch: `padding` True / "longest" / "max_length" /
+        False / "do_not_pad"; `truncation` True / "longest_first" / "only_first" cuts each text to
+        `max_length` (default model_max_length), False / "do_not_truncate" does not, and None (the
+        default) cuts only when max_length is given, with a warning, as transformers does. Pairs of
+        texts are not supported (the options are keyword-only, so a second text is an error)."""
+        if padding not in PADDING:
+            raise ValueError(f"padding={padding!r}: expected one of {', '.join(map(repr, PADDING))}")
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(map(repr, TRUNCATION))}")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None or 'pt')")
         single = isinstance(text, str)
         batch = [
             self.encode(t, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens)
             for t in ([text] if single else text)
         ]
-        if truncation:
+        if truncation is None and max_length is not None:
+            log.warning("max_length=%d without truncation: truncating to it, as transformers does (pass "
+                        "truncation=True to say so, or truncation=False to keep every token)", max_length)
+            truncation = True
+        if truncation not in (None, False, "do_not_truncate"):
             if max_length is None:
                 max_length = self.model_max_length
             batch = [ids[:max_length] for ids in batch]
@@ -344,11 +370,13 @@ class SlimPajamaTokenizer:
         config = {}
         if (directory / CONFIG_FILE).is_file():
             config = json.loads((directory / CONFIG_FILE).read_text())
-        return cls(
+        tokenizer = cls(
             model_file.read_bytes(),
             control_tokens=config.get("slimpajama_control_tokens", config.get("additional_special_tokens", [])),
             model_max_length=config.get("model_max_length", 2048),
         )
+        tokenizer.padding_side = config.get("padding_side", "right")
+        return tokenizer
 
     def fingerprint(self) -> str:
         import hashlib
