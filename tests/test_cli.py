@@ -93,6 +93,32 @@ def test_chat_keeps_the_conversation(folder, tok):
     assert out.getvalue().count("> ") == 3
 
 
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--prompt", "x", "--dtype", "float99"], "torch_dtype='float99' is not a torch dtype"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--chat", "--max-new-tokens", "127"], "leaves no room for the conversation"),
+])
+def test_a_users_mistake_is_one_line_without_a_traceback(folder, argv, match):
+    with pytest.raises(SystemExit, match="slimpajama-generate: error: .*" + match):
+        main([str(folder), *argv])
+    with pytest.raises(SystemExit, match="slimpajama-generate: error: .*not a model folder"):
+        main([str(folder / "missing"), "--prompt", "x"])
+
+
+def test_chat_cuts_a_long_conversation_on_whole_characters_within_the_window(folder, tok):
+    model = SlimPajamaModel.from_pretrained(folder)  # max_seq_len 128
+    args = build_parser().parse_args([str(folder), "--chat", "--greedy", "--max-new-tokens", "4"])
+    prompts = []
+    original = model.generate
+    model.generate = lambda ids, **kw: prompts.append(ids[0].tolist()) or original(ids, **kw)
+    line = "😀" * 40 + "\n"  # 4 byte-fallback tokens a character: a cut by count alone splits one
+    chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO(line + "\n"), out=io.StringIO())
+    (ids,) = prompts
+    assert ids[0] == tok.bos_token_id and len(ids) <= 128 - 4
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert "\ufffd" not in text and text.strip("😀") == "\n"  # whole characters, then the turn's newline
+
+
 def test_console_entry_point_runs(folder):
     result = subprocess.run([sys.executable, "-m", "slimpajama.cli", str(folder), "-p", "the city", "--greedy",
                              "--max-new-tokens", "4", "--no-stream"], capture_output=True, text=True, timeout=120)

@@ -441,6 +441,21 @@ def test_text_streamer_sends_text_as_it_is_made(model, tok):
     assert not any("\ufffd" in p for p in pieces) or "\ufffd" in new_text
 
 
+def test_streamed_pieces_add_up_to_the_decoded_new_ids(tok):
+    prompt = tok.encode("the", return_tensors="pt")
+    new = tok.encode("city by the river 写一篇😀", add_special_tokens=False)  # starts with "▁city"
+    for skip_prompt in (True, False):
+        pieces = []
+        streamer = TextStreamer(tok, skip_prompt=skip_prompt, on_text=pieces.append)
+        streamer.put(prompt)
+        for i in new:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        shown = new if skip_prompt else prompt[0].tolist() + new
+        assert "".join(pieces) == tok.decode(shown, skip_special_tokens=True)  # no leading space of its own
+    assert "".join(pieces) == "the city by the river 写一篇😀"
+
+
 def test_iterator_streamer_in_a_thread(model, tok):
     ids = tok.encode("the city", return_tensors="pt")
     streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
@@ -464,6 +479,14 @@ def test_stop_strings_stop_after_the_string(model, tok):
     assert torch.equal(out[0], free[0, : out.size(1)])
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(ids, max_new_tokens=5, stop_strings=["x"])
+
+
+def test_a_stop_string_with_a_leading_space_matches_the_first_new_token(tok):
+    ids = torch.tensor([tok.encode("city by", add_special_tokens=False)])  # "▁city ▁by": the text " city by"
+    assert StopStrings([" city"], tok)(ids).tolist() == [True]
+    assert StopStrings([" by"], tok)(ids[:, 1:]).tolist() == [True]
+    with pytest.raises(ValueError, match="must be non-empty"):
+        StopStrings(["x", ""], tok)
 
 
 def test_stop_strings_never_match_a_character_the_window_cuts(tok):

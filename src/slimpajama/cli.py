@@ -14,11 +14,11 @@ A control token the model does not know (`<|style:formal|>` for the demo's model
 import argparse
 import re
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from slimpajama.generation import TextStreamer, build_prompt, prompt_template
+from slimpajama.generation import TextStreamer, build_prompt, continuation_ids, prompt_template
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
@@ -104,10 +104,13 @@ def checked_template(model, name: str) -> str:
     return template
 
 
-def complete(model, tokenizer, prompt: str, kwargs: dict, stream: bool, out=None) -> list[str]:
-    """Generate from `prompt`; stream the text to `out` (stdout) when asked (one sequence). Returns the new texts."""
+def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stream: bool, out=None) -> list[str]:
+    """Generate from `prompt` (text, or its ids with bos); stream the text to `out` (stdout) when asked
+    (one sequence). Returns the new texts."""
     out = out or sys.stdout
-    ids = tokenizer.encode(prompt, return_tensors="pt").to(model.lm_head.weight.device)
+    if isinstance(prompt, str):
+        prompt = tokenizer.encode(prompt)
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.lm_head.weight.device)
     streamer = None
     if stream and kwargs.get("num_return_sequences", 1) == 1:
         streamer = TextStreamer(tokenizer, skip_prompt=True, on_text=lambda t: (out.write(t), out.flush()))
@@ -129,6 +132,10 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
     kwargs["stop_strings"] = list(kwargs.get("stop_strings") or []) + ["\n"]
     history = ""
     budget = model.config.max_seq_len - kwargs["max_new_tokens"]
+    if budget < 2:  # bos and at least one token of the conversation
+        raise ValueError(f"--max-new-tokens {kwargs['max_new_tokens']} leaves no room for the conversation in the "
+                         f"model's max_seq_len of {model.config.max_seq_len}")
+    continuation = continuation_ids(tokenizer)
     while True:
         out.write("> ")
         out.flush()
@@ -140,14 +147,23 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
             turn += "\n"
         context = history + turn
         ids = tokenizer.encode(context, add_special_tokens=False)
-        if len(ids) > budget - 1:  # keep the newest tokens; the bos token starts the window
-            context = tokenizer.decode(ids[-(budget - 1):])
-        reply = complete(model, tokenizer, context, kwargs, stream=not args.no_stream, out=out)[0]
-        history = context + reply.rstrip("\n") + "\n"
+        start = max(0, len(ids) - (budget - 1))  # keep the newest tokens; the bos token starts the window
+        while start < len(ids) - 1 and ids[start] in continuation:  # and whole characters
+            start += 1
+        kept = ids[start:]
+        reply = complete(model, tokenizer, [tokenizer.bos_token_id] + kept, kwargs, stream=not args.no_stream, out=out)[0]
+        history = (tokenizer.decode(kept) if start else context) + reply.rstrip("\n") + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message alone, no traceback
+        raise SystemExit(f"slimpajama-generate: error: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     check_control(tokenizer, args.model, "--control", args.control)
     model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)

@@ -29,6 +29,7 @@ import torch
 from slimpajama.model import (
     DECODE_KERNELS, DECODE_MAX_ROWS, Linear, check_decode_kernel, inference_without_autocast,
 )
+from slimpajama.tokenizer import SPACE_MARKER
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 DEFAULT_TEMPLATE = "{control}{input}"  # the prompt of a model whose generation_config.json has none
@@ -151,7 +152,9 @@ def sample_next(
 class TextStreamer:
     """Receives ids through `put` (the prompt first, then each new token) and `end`, and calls
     `on_text` with each new piece of text as soon as it is complete UTF-8 (byte-fallback tokens of
-    one character arrive separately). Default `on_text`: print to stdout. Batch size 1, as HF's."""
+    one character arrive separately). Default `on_text`: print to stdout. Batch size 1, as HF's.
+    The pieces add up to `tokenizer.decode` of the ids streamed (the new ids alone with skip_prompt,
+    so the first loses its leading space, as in transformers' streamer and `generate`'s output)."""
 
     def __init__(
         self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True,
@@ -164,8 +167,6 @@ class TextStreamer:
 
     def _reset(self) -> None:
         self.ids: list[int] = []
-        self.anchor: list[int] = []  # the last prompt token: decoding after it keeps a leading space
-        self.anchor_text = ""  # its decoded text, cut from the front of every decode
         self.printed = ""
         self.prompt_seen = False
 
@@ -174,15 +175,13 @@ class TextStreamer:
 
     def _text(self) -> str:
         """Everything generated so far (after the prompt when skip_prompt)."""
-        return self._decode(self.anchor + self.ids)[len(self.anchor_text) :]
+        return self._decode(self.ids)
 
     def put(self, value: torch.Tensor) -> None:
         ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(value)
         if not self.prompt_seen:
             self.prompt_seen = True
             if self.skip_prompt:
-                self.anchor = ids[-1:]
-                self.anchor_text = self._decode(self.anchor)
                 return
         self.ids += ids
         text = self._text()
@@ -232,6 +231,15 @@ class TextIteratorStreamer(TextStreamer):
 
 
 # ---- stop strings -------------------------------------------------------------------------------
+def continuation_ids(tokenizer) -> set[int]:
+    """The ids of the byte-fallback pieces <0x80> .. <0xBF>, the bytes of a UTF-8 character after its
+    first: a cut just before one splits a character. 64 look-ups (a missing piece comes back as the
+    unknown token's id, which is not it)."""
+    pieces = [f"<0x{b:02X}>" for b in range(0x80, 0xC0)]
+    ids = tokenizer.convert_tokens_to_ids(pieces)
+    return {i for i, p in zip(ids, pieces) if tokenizer.convert_ids_to_tokens(i) == p}
+
+
 class StopStrings:
     """Stops a row once its new text contains any of `strings`. Decodes only the last tokens that
     could hold the longest string (each character is at most 4 byte-fallback tokens), from the start
@@ -242,13 +250,11 @@ class StopStrings:
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=[...], tokenizer=tokenizer)")
         self.strings = [strings] if isinstance(strings, str) else list(strings)
+        if not self.strings or not all(self.strings):
+            raise ValueError(f"stop_strings={self.strings!r}: every stop string must be non-empty text")
         self.tokenizer = tokenizer
         self.window = 4 * max(len(s) for s in self.strings) + 2
-        # the ids of the byte-fallback pieces <0x80> .. <0xBF>, the bytes of a UTF-8 character after its
-        # first: 64 look-ups (a missing piece comes back as the unknown token's id, which is not it)
-        pieces = [f"<0x{b:02X}>" for b in range(0x80, 0xC0)]
-        ids = tokenizer.convert_tokens_to_ids(pieces)
-        self.continuation = {i for i, p in zip(ids, pieces) if tokenizer.convert_ids_to_tokens(i) == p}
+        self.continuation = continuation_ids(tokenizer)
 
     def __call__(self, new_ids: torch.Tensor) -> torch.Tensor:
         """new_ids (B, n) generated so far -> (B,) bool: a stop string has appeared."""
@@ -258,6 +264,8 @@ class StopStrings:
             while start > 0 and row[start] in self.continuation:
                 start -= 1
             text = self.tokenizer.decode(row[start:], skip_special_tokens=False)
+            if row[start:] and self.tokenizer.convert_ids_to_tokens(row[start]).startswith(SPACE_MARKER):
+                text = " " + text  # decode drops the first token's space, which is in the text generated
             stopped.append(any(s in text for s in self.strings))
         return torch.tensor(stopped, device=new_ids.device)
 

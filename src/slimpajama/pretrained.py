@@ -182,6 +182,14 @@ class SlimPajamaModel(Transformer):
         config_path = directory / CONFIG_FILE
         hf_config = json.loads(config_path.read_text())
         config = config_from_hf(hf_config, str(config_path))
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        if dtype == "auto":
+            dtype = hf_config.get("torch_dtype", "float32")
+        if isinstance(dtype, str):
+            name, dtype = dtype, getattr(torch, dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"torch_dtype={name!r} is not a torch dtype (e.g. 'float32', 'bfloat16', 'auto')")
+        dtype = dtype or torch.float32
         files = weight_files(directory)
         hf_sd = {}
         for f in files:
@@ -209,10 +217,6 @@ class SlimPajamaModel(Transformer):
         model.generation_config = {}
         if (directory / GENERATION_CONFIG_FILE).is_file():
             model.generation_config = json.loads((directory / GENERATION_CONFIG_FILE).read_text())
-        dtype = torch_dtype if torch_dtype is not None else dtype
-        if dtype == "auto":
-            dtype = hf_config.get("torch_dtype", "float32")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         model = model.to(device=device, dtype=dtype)
         model.cos, model.sin = model.cos.float(), model.sin.float()  # rotary tables stay float32
         return model.eval()
