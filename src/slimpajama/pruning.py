@@ -300,6 +300,7 @@ def layer_importance(model: nn.Module, batches: Sequence[torch.Tensor], metric: 
     """(L,) importance of each block. `cosine`: mean over tokens of 1 - cos(block input, block output)
     (ShortGPT's block influence: a block that barely turns the hidden state matters little);
     `loss`: increase of the calibration loss when the block alone is skipped (Minitron's depth metric)."""
+    check_layer_metric(metric)
     device = next(model.parameters()).device
     L = len(model.layers)
     if metric == "cosine":
@@ -310,24 +311,28 @@ def layer_importance(model: nn.Module, batches: Sequence[torch.Tensor], metric: 
                 score[i] += (1 - F.cosine_similarity(hidden[i].float(), hidden[i + 1].float(), dim=-1)).sum().cpu()
             n += hidden[0].shape[0] * hidden[0].shape[1]
         return score / max(n, 1)
-    if metric == "loss":
-        def loss() -> float:
-            total = 0.0
-            for batch in batches:
-                batch = batch.to(device=device, dtype=torch.long)
-                logits = model(batch[:, :-1])
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()))
-            return total / max(len(batches), 1)
+    # metric == "loss"
+    def loss() -> float:
+        total = 0.0
+        for batch in batches:
+            batch = batch.to(device=device, dtype=torch.long)
+            logits = model(batch[:, :-1])
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()))
+        return total / max(len(batches), 1)
 
-        base, layers, score = loss(), model.layers, torch.zeros(L)
-        try:
-            for i in range(L):
-                model.layers = nn.ModuleList(b for j, b in enumerate(layers) if j != i)
-                score[i] = loss() - base
-        finally:
-            model.layers = layers
-        return score
-    raise ValueError(f"prune.structured.layer_metric={metric!r}: expected one of {', '.join(LAYER_METRICS)}")
+    base, layers, score = loss(), model.layers, torch.zeros(L)
+    try:
+        for i in range(L):
+            model.layers = nn.ModuleList(b for j, b in enumerate(layers) if j != i)
+            score[i] = loss() - base
+    finally:
+        model.layers = layers
+    return score
+
+
+def check_layer_metric(metric: str) -> None:
+    if metric not in LAYER_METRICS:
+        raise ValueError(f"prune.structured.layer_metric={metric!r}: expected one of {', '.join(LAYER_METRICS)}")
 
 
 def _n_removed(n: int, fraction: float, what: str) -> int:
@@ -410,8 +415,7 @@ def structured_prune(model: nn.Module, batches: Sequence[torch.Tensor], heads: f
     channels, `layers` of the blocks; each rounded half up, the same count in every layer.
     Depth first (blocks ranked by `layer_importance`), then width ranked by `width_importance` on the
     remaining blocks. Returns (new model, what was kept)."""
-    if layer_metric not in LAYER_METRICS:  # checked even when no block is dropped: a typo is still a typo
-        raise ValueError(f"prune.structured.layer_metric={layer_metric!r}: expected one of {', '.join(LAYER_METRICS)}")
+    check_layer_metric(layer_metric)  # even when no block is dropped: a typo is still a typo
     c = model.config
     n_drop = _n_removed(c.n_layer, layers, "layers")
     gs = c.n_head // c.n_kv_head

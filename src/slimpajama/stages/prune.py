@@ -122,7 +122,8 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         log.info("pruning %s (%.2fM parameters) by %s to sparsity %s", self.source, self.model.num_params() / 1e6,
                  method, sparsity)
         self.method, self.sparsity, self.scope, self.prunable = method, sparsity, scope, list(prunable)
-        self.schedule, self.gradual = schedule, dict(gradual or {})
+        self.schedule = schedule
+        self.gradual = {"initial_sparsity": 0.0, "start_step": 0, "end_step": None, "every": 10, **(gradual or {})}
         self.recovery, self.distill = recovery, {"kd_ratio": 1.0, "temperature": 1.0, "kind": "forward_kl", **(distill or {})}
         self.structured = {"heads": None, "channels": None, "hidden": 0.0, "layers": 0.0, "layer_metric": "cosine",
                            **(structured or {})}
@@ -140,7 +141,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                              "activations Wanda scores; prune it with prune.method=magnitude, or list lm_head "
                              "instead (the same weight when the embeddings are tied)")
         if schedule == "gradual":
-            initial, every = self.gradual.get("initial_sparsity", 0.0), self.gradual.get("every", 10)
+            initial, every = self.gradual["initial_sparsity"], self.gradual["every"]
             if not 0.0 <= initial <= sparsity:
                 raise ValueError(f"prune.gradual.initial_sparsity={initial} must be in [0, prune.sparsity={sparsity}]: "
                                  "masks only grow")
@@ -223,9 +224,8 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
 
     def _scheduled(self, step: int) -> float:
         g = self.gradual
-        end = g.get("end_step") or max(1, int(0.75 * self.trainer.max_steps))
-        return pruning.cubic_sparsity(step, self.sparsity, g.get("initial_sparsity", 0.0), g.get("start_step", 0),
-                                      end, g.get("every", 10))
+        end = g["end_step"] or max(1, int(0.75 * self.trainer.max_steps))
+        return pruning.cubic_sparsity(step, self.sparsity, g["initial_sparsity"], g["start_step"], end, g["every"])
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float, calibration: list | None = None) -> None:
