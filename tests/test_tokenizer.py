@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,8 +114,9 @@ def test_encode_return_tensors(tok):
     assert isinstance(t, torch.Tensor) and t.dtype == torch.long and t.shape == (1, len(ids))
     assert t[0].tolist() == ids
     assert tok.decode(t[0], skip_special_tokens=True) == "The river and the sea."  # decode takes tensors
+    assert tok.encode("The river and the sea.", return_tensors="np").tolist() == [ids]
     with pytest.raises(ValueError, match="return_tensors"):
-        tok.encode("x", return_tensors="np")
+        tok.encode("x", return_tensors="tf")
 
 
 def test_add_special_tokens_adds_only_bos(tok):
@@ -177,8 +179,8 @@ def test_call_padding_max_length_and_truncation(tok):
     assert enc.input_ids[1].tolist() == tok.encode(texts[1])[:6] and enc.attention_mask[1].tolist() == [1] * 6
     short = tok.encode(texts[0])
     assert enc.input_ids[0].tolist() == short + [3] * (6 - len(short))
-    with pytest.raises(ValueError, match="max_length"):
-        tok(texts, padding="max_length")
+    # with no max_length, "max_length" is model_max_length, as in transformers
+    assert tok(texts, padding="max_length", return_tensors="pt").input_ids.shape == (2, tok.model_max_length)
 
 
 def test_call_truncates_as_transformers_does_and_refuses_what_it_cannot_do(tok, caplog):
@@ -191,7 +193,8 @@ def test_call_truncates_as_transformers_does_and_refuses_what_it_cannot_do(tok, 
     assert tok(text, max_length=4, truncation="longest_first").input_ids == full[:4]
     assert tok(text, padding="do_not_pad").input_ids == full
     for kwargs, match in [({"padding": "longer"}, "padding='longer'"), ({"truncation": "yes"}, "truncation='yes'"),
-                          ({"padding_side": "top"}, "padding_side='top'"), ({"return_tensors": "np"}, "'np'")]:
+                          ({"padding_side": "top"}, "padding_side='top'"), ({"return_tensors": "tf"}, "'tf'"),
+                          ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0"), ({"max_length": -1}, "max_length=-1")]:
         with pytest.raises(ValueError, match=match):
             tok(text, **kwargs)
     with pytest.raises(TypeError):  # a second text (a pair) is not taken for `padding`
@@ -379,3 +382,124 @@ def test_a_leading_control_token_has_no_prefix(tok):
     ids = tok.encode(f"{CONTROL[0]}Hello", add_special_tokens=False)
     assert ids[0] == tok.convert_tokens_to_ids(CONTROL[0])
     assert tok.decode(ids) == f"{CONTROL[0]}Hello"
+
+
+@pytest.fixture
+def hf(tok, tmp_path, monkeypatch):
+    """transformers' tokenizer on `tok`'s saved folder."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok.save_pretrained(tmp_path / "hf")
+    return transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+
+
+def _plain(enc) -> dict:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in enc.items()}
+
+
+def test_pad_matches_transformers_and_its_collators_take_it(tok, hf):
+    import transformers
+
+    rows = [tok("the city"), tok("music school river house"), tok(f"{CONTROL[0]}写一篇")]
+    hf_rows = [hf("the city"), hf("music school river house"), hf(f"{CONTROL[0]}写一篇")]
+    assert [dict(r) for r in rows] == [dict(r) for r in hf_rows]
+    cases = [{}, {"padding_side": "left"}, {"pad_to_multiple_of": 8}, {"padding": "max_length", "max_length": 9}, {"padding": False}, {"return_tensors": "pt"},
+             {"return_tensors": "np", "padding_side": "left", "pad_to_multiple_of": 4}]
+    for kwargs in cases:
+        assert _plain(tok.pad(rows, **kwargs)) == _plain(hf.pad(hf_rows, **kwargs)), kwargs
+    # return_attention_mask=False drops the masks (transformers keeps those given, unpadded)
+    no_mask = tok.pad(rows, return_attention_mask=False)
+    assert list(no_mask) == ["input_ids"] and no_mask.input_ids == hf.pad(hf_rows)["input_ids"]
+    batch = tok([f"{CONTROL[1]}the river", "a"], padding=True)  # a dict of rows, masks kept and padded
+    assert _plain(tok.pad(batch, pad_to_multiple_of=8)) == _plain(hf.pad(dict(batch), pad_to_multiple_of=8))
+    one = {"input_ids": torch.tensor([1, 276, 352])}  # one row, as a tensor
+    assert _plain(tok.pad(one, padding="max_length", max_length=5)) == {"input_ids": [1, 276, 352, 3, 3],
+                                                                        "attention_mask": [1, 1, 1, 0, 0]}
+    # transformers' collators call tokenizer.pad: same batches with ours as with its own
+    examples = [{"input_ids": r["input_ids"]} for r in rows]
+    for make in (lambda t: transformers.DataCollatorForLanguageModeling(t, mlm=False, pad_to_multiple_of=8),
+                 lambda t: transformers.DataCollatorWithPadding(t)):
+        ours, theirs = make(tok)(examples), make(hf)(examples)
+        assert {k: v.tolist() for k, v in ours.items()} == {k: v.tolist() for k, v in theirs.items()}
+    with pytest.raises(ValueError, match="row 1 has keys"):
+        tok.pad([{"input_ids": [1]}, {"ids": [1]}])
+    with pytest.raises(ValueError, match="'labels' cannot be made a tensor"):
+        tok.pad([{"input_ids": [1], "labels": [1]}, {"input_ids": [1, 2], "labels": [1, 2]}], return_tensors="pt")
+
+
+def test_special_tokens_are_linked_as_in_transformers_and_saved(tok, hf, tmp_path):
+    assert tok.special_tokens_map == hf.special_tokens_map
+    assert set(tok.all_special_tokens) == set(hf.all_special_tokens) and set(tok.all_special_ids) == set(hf.all_special_ids)
+    for t in (tok, hf):
+        t.pad_token = t.eos_token  # the usual Llama idiom
+    assert tok.pad_token_id == hf.pad_token_id == 2
+    assert tok(["a", "the city"], padding=True).input_ids == hf(["a", "the city"], padding=True)["input_ids"]
+    tok.save_pretrained(tmp_path / "eos-pad")
+    assert SlimPajamaTokenizer.from_pretrained(tmp_path / "eos-pad").pad_token_id == 2
+    tok.pad_token_id = 3
+    assert tok.pad_token == "<pad>"
+    assert SlimPajamaTokenizer.from_pretrained(tmp_path / "eos-pad", pad_token="<pad>").pad_token_id == 3
+    with pytest.raises(ValueError, match="pad_token='<mask>' is not a piece"):
+        tok.pad_token = "<mask>"
+    with pytest.raises(ValueError, match="pad_token_id=99999"):
+        tok.pad_token_id = 99999
+    assert tok.pad_token_id == 3
+
+
+def test_decode_tokenize_and_vocab_as_in_transformers(tok, hf):
+    ids = tok.encode(f"{CONTROL[0]}the city 写 é😀")
+    assert tok.decode(ids[1]) == hf.decode(ids[1]) and tok.decode(torch.tensor(ids[1])) == hf.decode(torch.tensor(ids[1]))
+    assert tok.decode([ids, ids[:2]]) == hf.decode([ids, ids[:2]])  # a batch decodes to a list
+    assert tok.decode(ids, clean_up_tokenization_spaces=True) == hf.decode(ids, clean_up_tokenization_spaces=True)
+    for text in ["the city", f"{CONTROL[0]}the", "é中", " two  spaces", "line\nbreak"]:
+        assert tok.tokenize(text) == hf.tokenize(text), text
+        assert tok.tokenize(text, add_special_tokens=True) == hf.tokenize(text, add_special_tokens=True), text
+        assert tok.convert_tokens_to_string(tok.tokenize(text)) == hf.convert_tokens_to_string(hf.tokenize(text))
+    assert tok.get_vocab() == hf.get_vocab() and len(tok.vocab) == VOCAB
+    for arg in (ids, torch.tensor(ids), ids[2], VOCAB + 5):
+        assert tok.convert_ids_to_tokens(arg) == hf.convert_ids_to_tokens(arg), arg
+    assert tok.convert_ids_to_tokens(ids, skip_special_tokens=True) == hf.convert_ids_to_tokens(ids, skip_special_tokens=True)
+
+
+def test_call_options_as_in_transformers(tok, hf, caplog):
+    texts = ["music school river house", "the city"]
+    cases = [{"padding": "max_length"}, {"padding": True, "pad_to_multiple_of": 8}, {"max_length": 4, "pad_to_multiple_of": 2,
+             "padding": "max_length", "truncation": True}, {"padding": True, "return_length": True},
+             {"return_length": True}, {"padding": True, "return_attention_mask": False, "return_tensors": "pt"},
+             {"padding": True, "return_length": True, "return_tensors": "pt"}]
+    for kwargs in cases:
+        assert _plain(tok(texts, **kwargs)) == _plain(hf(texts, **kwargs)), kwargs
+        assert _plain(tok(texts[0], **kwargs)) == _plain(hf(texts[0], **kwargs)), kwargs
+    assert tok.encode(texts[0], max_length=3, truncation=True) == hf.encode(texts[0], max_length=3, truncation=True)
+    for t in (tok, hf):  # a cut that padding would not keep
+        with pytest.raises(ValueError, match="not a multiple of pad_to_multiple_of"):
+            t(texts, max_length=5, truncation=True, padding=True, pad_to_multiple_of=8)
+    for t in (tok, hf):
+        t.truncation_side = "left"  # the bos stays, the start of the text goes
+    assert tok(texts, max_length=3, truncation=True).input_ids == hf(texts, max_length=3, truncation=True)["input_ids"]
+    assert tok(texts, max_length=3, truncation=True).input_ids[0] == [1, *tok.encode(texts[0])[-2:]]
+    tok.truncation_side = "right"
+    long = " ".join(["the city"] * 1100)
+    assert len(tok(long).input_ids) > tok.model_max_length and "longer than this tokenizer's model_max_length" in caplog.text
+    with pytest.raises(TypeError, match="one text"):
+        tok.encode(texts)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        tok.encode("a", return_lenght=True)
+
+
+def test_save_returns_the_files_and_load_takes_overrides(tok, tmp_path):
+    files = tok.save_pretrained(tmp_path / "t")
+    assert sorted(Path(f).name for f in files) == sorted(p.name for p in (tmp_path / "t").iterdir())
+    loaded = SlimPajamaTokenizer.from_pretrained(tmp_path / "t", padding_side="left", model_max_length=64,
+                                                 truncation_side="left")
+    assert (loaded.padding_side, loaded.model_max_length, loaded.truncation_side) == ("left", 64, "left")
+    assert loaded.name_or_path == str(tmp_path / "t")
+    with pytest.raises(TypeError, match="padding_sides"):
+        SlimPajamaTokenizer.from_pretrained(tmp_path / "t", padding_sides="left")
+    with pytest.raises(ValueError, match="padding_side='up'"):
+        SlimPajamaTokenizer.from_pretrained(tmp_path / "t", padding_side="up")
+    # a folder transformers saved (tokenizer.json, no tokenizer.model) is named as such
+    (tmp_path / "t" / "tokenizer.model").unlink()
+    (tmp_path / "t" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json only"):
+        SlimPajamaTokenizer.from_pretrained(tmp_path / "t")

@@ -25,9 +25,11 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+import numpy as np
 import sentencepiece as spm
 import torch
 
@@ -39,8 +41,11 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 SPACE_MARKER = "\u2581"  # SentencePiece's visible space
-PADDING = (True, False, "longest", "max_length", "do_not_pad")  # __call__'s padding, as in transformers
+PADDING = (True, False, "longest", "max_length", "do_not_pad")  # __call__'s and pad's padding, as in transformers
 TRUNCATION = (None, True, False, "longest_first", "only_first", "do_not_truncate")  # __call__'s truncation
+SIDES = ("left", "right")  # padding_side and truncation_side
+RETURN_TENSORS = (None, "pt", "np")
+FROM_PRETRAINED_OPTIONS = ("model_max_length", "padding_side", "truncation_side", *SPECIAL_TOKENS)
 CONTROL_SHAPE = re.compile(r"<\|[^|\s]+\|>")  # the shape of control tokens: <|style:formal|>
 
 
@@ -58,17 +63,41 @@ class BatchEncoding(dict):
         return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
 
 
+class _SpecialToken:
+    """A special token's string (`pad_token`) or id (`pad_token_id`), linked as in transformers: setting
+    either sets both, so `tokenizer.pad_token = tokenizer.eos_token` pads with the end id."""
+
+    def __set_name__(self, owner, name):
+        self.name, self.key, self.is_id = name, name.removesuffix("_id"), name.endswith("_id")
+
+    def __get__(self, tokenizer, owner=None):
+        if tokenizer is None:
+            return self
+        i = tokenizer._special_ids[self.key]
+        return i if self.is_id else tokenizer.sp.id_to_piece(i)
+
+    def __set__(self, tokenizer, value):
+        tokenizer._special_ids[self.key] = tokenizer._existing_id(value, self.name)
+
+
 class SlimPajamaTokenizer:
+    model_input_names = ["input_ids", "attention_mask"]
+    unk_token, bos_token, eos_token, pad_token = (_SpecialToken() for _ in range(4))
+    unk_token_id, bos_token_id, eos_token_id, pad_token_id = (_SpecialToken() for _ in range(4))
+
     def __init__(self, model_proto: bytes, control_tokens: Sequence[str] = (), model_max_length: int = 2048):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._proto = model_proto
         self.control_tokens = list(control_tokens)
         self.model_max_length = model_max_length
         self.padding_side = "right"
-        for name, piece in SPECIAL_TOKENS.items():
-            setattr(self, name, piece)
-        self.unk_token_id, self.bos_token_id = self.sp.unk_id(), self.sp.bos_id()
-        self.eos_token_id, self.pad_token_id = self.sp.eos_id(), self.sp.pad_id()
+        self.truncation_side = "right"
+        self.clean_up_tokenization_spaces = False
+        self.name_or_path = ""
+        self._warned = set()  # the one-time warnings already given
+        sp_ids = {"unk_token": self.sp.unk_id(), "bos_token": self.sp.bos_id(), "eos_token": self.sp.eos_id(),
+                  "pad_token": self.sp.pad_id()}
+        self._special_ids = dict(sp_ids)
         missing = [t for t in self.control_tokens if self.sp.piece_to_id(t) == self.unk_token_id]
         if missing:
             raise ValueError(f"control tokens {missing} are not in the SentencePiece model")
@@ -78,8 +107,41 @@ class SlimPajamaTokenizer:
         self._sp_plain = None  # a copy that reads them as text (`_encode_ordinary`)
         self._tokens = _alternation([*SPECIAL_TOKENS.values(), *self.control_tokens])  # and by encode()
         # the special tokens SentencePiece does not print (decode puts their strings in)
-        self._unspoken = {self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id}
+        self._unspoken = set(sp_ids.values())
         self.all_special_ids = sorted(self._unspoken | set(self.control_token_ids))
+
+    def _existing_id(self, token: Union[str, int], name: str) -> int:
+        """The id of `token` (a piece or an id) of this vocabulary, for the special token `name`."""
+        if isinstance(token, str):
+            i = self.sp.piece_to_id(token)
+            if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+                raise ValueError(f"{name}={token!r} is not a piece of this tokenizer: use one of its pieces "
+                                 "(e.g. tokenizer.eos_token), or add it first with add_control_tokens")
+            return i
+        if isinstance(token, (int, np.integer)) and not isinstance(token, bool) and 0 <= token < self.vocab_size:
+            return int(token)
+        raise ValueError(f"{name}={token!r}: expected a piece or an id below {self.vocab_size}")
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """As transformers': the bos, eos, unk and pad strings (the control tokens are `control_tokens`)."""
+        return {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in self.all_special_ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self.sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.get_vocab()
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     # ---- training -------------------------------------------------------------------------
     @classmethod
@@ -175,19 +237,38 @@ class SlimPajamaTokenizer:
         return self._encode_piece(text, dummy_prefix, self._sp_plain)
 
     def encode(
-        self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
-        split_special_tokens: bool = False,
+        self, text: str, *, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
+        split_special_tokens: bool = False, **options,
     ):
-        """split_special_tokens=True: control-token and special-token strings in `text` are plain text
-        (for untrusted input, see the module docstring); False (default): they are those tokens."""
-        ids = self._encode_text(text, None if split_special_tokens else self._tokens)
-        if add_special_tokens:
-            ids = [self.bos_token_id] + ids
-        if return_tensors == "pt":
-            return torch.tensor([ids], dtype=torch.long)
-        if return_tensors is not None:
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None or 'pt')")
-        return ids
+        """The ids of one text (`__call__`'s input_ids; `options` are its truncation, max_length, padding,
+        pad_to_multiple_of and padding_side). split_special_tokens=True: control-token and special-token
+        strings in `text` are plain text (for untrusted input, see the module docstring); False (default):
+        they are those tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes one text, not {type(text).__name__}: call the tokenizer on a list "
+                            "for a batch")
+        bad = set(options) - {"truncation", "max_length", "padding", "pad_to_multiple_of", "padding_side"}
+        if bad:
+            raise TypeError(f"encode() got unexpected keyword arguments {sorted(bad)}")
+        if not options:  # the common case, without __call__'s padding
+            _check_pad_options(False, None, None, None, return_tensors)
+            ids = self._encode_text(text, None if split_special_tokens else self._tokens)
+            ids = [self.bos_token_id] * add_special_tokens + ids
+            self._check_length(len(ids))
+            return ids if return_tensors is None else _as_tensors([ids], return_tensors, "input_ids")
+        return self(text, return_tensors=return_tensors, add_special_tokens=add_special_tokens,
+                    split_special_tokens=split_special_tokens, **options)["input_ids"]
+
+    def _check_length(self, n: int) -> None:
+        if n > self.model_max_length:
+            self._warn_once("length", "a sequence of %d tokens is longer than this tokenizer's model_max_length "
+                            "(%d): the model cannot take it whole (pass truncation=True to cut it)",
+                            n, self.model_max_length)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[str]:
+        """The pieces of `text`, as transformers' `tokenize` (no bos unless add_special_tokens)."""
+        return self.convert_ids_to_tokens(
+            self.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens))
 
     def encode_continuation(self, text: str, split_special_tokens: bool = True) -> list[int]:
         """Ids of `text` as it continues earlier ids (no dummy-prefix space, no bos): the pieces of a
@@ -213,65 +294,140 @@ class SlimPajamaTokenizer:
         padding: Union[bool, str] = False,
         truncation: Union[bool, str, None] = None,
         max_length: Optional[int] = None,
+        pad_to_multiple_of: Optional[int] = None,
         return_tensors: Optional[str] = None,
+        return_attention_mask: Optional[bool] = None,
+        return_length: bool = False,
         add_special_tokens: bool = True,
         padding_side: Optional[str] = None,
         split_special_tokens: bool = False,
     ) -> BatchEncoding:
-        """transformers' rules for one text or a batch: `padding` True / "longest" / "max_length" /
-        False / "do_not_pad"; `truncation` True / "longest_first" / "only_first" cuts each text to
-        `max_length` (default model_max_length), False / "do_not_truncate" does not, and None (the
-        default) cuts only when max_length is given, with a warning, as transformers does. Pairs of
-        texts are not supported (the options are keyword-only, so a second text is an error)."""
-        if padding not in PADDING:
-            raise ValueError(f"padding={padding!r}: expected one of {', '.join(map(repr, PADDING))}")
+        """transformers' rules for one text or a batch: `padding`, `max_length`, `pad_to_multiple_of`,
+        `padding_side` and `return_attention_mask` as in `pad`; `truncation` True / "longest_first" /
+        "only_first" cuts each text to `max_length` (default model_max_length) from `truncation_side`,
+        keeping the bos, False / "do_not_truncate" does not cut, and None (the default) cuts only when
+        max_length is given, with a warning, as transformers does. return_length: the length of each
+        row (after padding, as in transformers). Pairs of texts are not supported (the options are
+        keyword-only, so a second text is an error)."""
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(map(repr, TRUNCATION))}")
-        if padding_side not in (None, "left", "right"):
-            raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None or 'pt')")
-        single = isinstance(text, str)
-        batch = [
-            self.encode(t, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens)
-            for t in ([text] if single else text)
-        ]
+        if self.truncation_side not in SIDES:
+            raise ValueError(f"truncation_side={self.truncation_side!r}: expected 'left' or 'right'")
+        _check_pad_options(padding, max_length, pad_to_multiple_of, padding_side, return_tensors)
+        texts = [text] if isinstance(text, str) else text
+        batch = [self._encode_text(t, None if split_special_tokens else self._tokens) for t in texts]
         if truncation is None and max_length is not None:
-            log.warning("max_length=%d without truncation: truncating to it, as transformers does (pass "
-                        "truncation=True to say so, or truncation=False to keep every token)", max_length)
+            self._warn_once("truncation", "max_length=%d without truncation: truncating to it, as transformers "
+                            "does (pass truncation=True to say so, or truncation=False to keep every token)",
+                            max_length)
             truncation = True
+        head = [self.bos_token_id] * add_special_tokens
         if truncation not in (None, False, "do_not_truncate"):
-            if max_length is None:
-                max_length = self.model_max_length
-            batch = [ids[:max_length] for ids in batch]
-        if padding in (True, "longest", "max_length"):
-            width = max(len(ids) for ids in batch)
-            if padding == "max_length":
-                if max_length is None:
-                    raise ValueError("padding='max_length' needs max_length")
-                width = max_length
-            side = padding_side or self.padding_side
-            masks = []
-            for i, ids in enumerate(batch):
-                pad = [self.pad_token_id] * (width - len(ids))
-                masks.append([0] * len(pad) + [1] * len(ids) if side == "left" else [1] * len(ids) + [0] * len(pad))
-                batch[i] = pad + ids if side == "left" else ids + pad
-        else:
-            masks = [[1] * len(ids) for ids in batch]
-        if return_tensors == "pt":
-            if len({len(ids) for ids in batch}) > 1:
-                raise ValueError("sequences differ in length: pass padding=True to return tensors")
-            return BatchEncoding(input_ids=torch.tensor(batch), attention_mask=torch.tensor(masks))
-        if single:
-            return BatchEncoding(input_ids=batch[0], attention_mask=masks[0])
-        return BatchEncoding(input_ids=batch, attention_mask=masks)
+            limit = self.model_max_length if max_length is None else max_length
+            if padding not in (False, "do_not_pad") and pad_to_multiple_of and limit % pad_to_multiple_of:
+                raise ValueError(f"truncation length ({limit}) is not a multiple of pad_to_multiple_of "
+                                 f"({pad_to_multiple_of}): padding would make rows longer than the cut")
+            room = limit - len(head)
+            if room < 0:
+                raise ValueError(f"max_length={max_length} leaves no room for the bos token")
+            cut = (lambda ids: ids[:room]) if self.truncation_side == "right" else (lambda ids: ids[len(ids) - room:])
+            batch = [cut(ids) if len(ids) > room else ids for ids in batch]
+        batch = [head + ids for ids in batch]
+        for ids in batch:
+            self._check_length(len(ids))
+        enc = self.pad({"input_ids": batch}, padding=padding, max_length=max_length,
+                       pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                       return_attention_mask=return_attention_mask, return_tensors=return_tensors)
+        if return_length:
+            rows = enc["input_ids"]
+            enc["length"] = [len(r) for r in rows] if return_tensors is None else _as_tensors(
+                [rows.shape[1]] * rows.shape[0], return_tensors, "length")
+        if isinstance(text, str) and return_tensors is None:  # one text: flat rows (length stays a list)
+            enc = BatchEncoding({k: v if k == "length" else v[0] for k, v in enc.items()})
+        return enc
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """transformers' text for `ids`: special tokens as their strings (`<s>`, `</s>`, `<pad>`, `<unk>`,
-        control tokens) unless skip_special_tokens; only the first token loses its leading space (the
-        dummy prefix), so in `[<s>, ▁Hello]` the space stays: "<s> Hello"."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+    def pad(
+        self,
+        encoded_inputs,
+        *,
+        padding: Union[bool, str] = True,
+        max_length: Optional[int] = None,
+        pad_to_multiple_of: Optional[int] = None,
+        padding_side: Optional[str] = None,
+        return_attention_mask: Optional[bool] = None,
+        return_tensors: Optional[str] = None,
+    ) -> BatchEncoding:
+        """Pad encoded rows as transformers' `pad` does (what its data collators call).
+
+        encoded_inputs: a dict (or BatchEncoding) of `input_ids` (one row or a batch; lists, arrays or
+        tensors) and optionally `attention_mask`, or a list of such dicts, one per row. padding: True /
+        "longest" pads to the longest row, "max_length" to `max_length` (default model_max_length), False
+        / "do_not_pad" not at all; pad_to_multiple_of rounds the padded width up. Pads go on
+        `padding_side` (default the tokenizer's) with `pad_token_id`, and the mask is 0 there; an existing
+        mask is kept and padded, a missing one made (return_attention_mask=False: none is returned, where
+        transformers returns a given mask unpadded). Other
+        keys, such as `labels`, are returned as they are, as in transformers: pad them yourself."""
+        _check_pad_options(padding, max_length, pad_to_multiple_of, padding_side, return_tensors)
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            keys = list(encoded_inputs[0])
+            for n, row in enumerate(encoded_inputs):
+                if not isinstance(row, Mapping) or set(row) != set(keys):
+                    raise ValueError(f"pad: row {n} has keys {sorted(row) if isinstance(row, Mapping) else row!r}, "
+                                     f"row 0 has {sorted(keys)}: every row needs the same keys")
+            encoded_inputs = {k: [_to_list(row[k]) for row in encoded_inputs] for k in keys}
+        if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
+            raise ValueError("pad takes a dict of input_ids (and attention_mask), or a list of such dicts; got "
+                             f"{type(encoded_inputs).__name__}"
+                             + (f" with keys {sorted(encoded_inputs)}" if isinstance(encoded_inputs, Mapping) else ""))
+        out = {k: _to_list(v) for k, v in encoded_inputs.items()}
+        single = not out["input_ids"] or not isinstance(out["input_ids"][0], list)
+        rows = [out["input_ids"]] if single else out["input_ids"]
+        masks = out.get("attention_mask")
+        masks = None if masks is None else [masks] if single else masks
+        if masks is not None and [len(m) for m in masks] != [len(r) for r in rows]:
+            raise ValueError("pad: attention_mask and input_ids differ in length")
+        if masks is None:
+            masks = [[1] * len(r) for r in rows]
+        width = None
+        if padding in (True, "longest"):
+            width = max((len(r) for r in rows), default=0)
+        elif padding == "max_length":
+            width = self.model_max_length if max_length is None else max_length
+        if width is not None and pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        if width is not None:
+            side = padding_side or self.padding_side
+            if side not in SIDES:
+                raise ValueError(f"padding_side={side!r}: expected 'left' or 'right'")
+            for i, (ids, mask) in enumerate(zip(rows, masks)):
+                n = max(width - len(ids), 0)
+                pads = [self.pad_token_id] * n
+                rows[i], masks[i] = (pads + ids, [0] * n + mask) if side == "left" else (ids + pads, mask + [0] * n)
+        out["input_ids"] = rows[0] if single else rows
+        out["attention_mask"] = masks[0] if single else masks
+        if return_attention_mask is False:
+            del out["attention_mask"]
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("sequences differ in length: pass padding=True to return tensors")
+            out = {k: _as_tensors(v, return_tensors, k) for k, v in out.items()}
+        return BatchEncoding(out)
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None):
+        """transformers' text for `ids` (an id, a sequence, or a batch: a list of texts, as in
+        transformers): special tokens as their strings (`<s>`, `</s>`, `<pad>`, `<unk>`, control tokens)
+        unless skip_special_tokens; only the first token loses its leading space (the dummy prefix), so in
+        `[<s>, ▁Hello]` the space stays: "<s> Hello". clean_up_tokenization_spaces=True is ignored with a
+        warning, as transformers ignores it for BPE tokenizers (it would strip real spaces before
+        punctuation)."""
+        ids = _to_list(ids)
+        if isinstance(ids, int):
+            ids = [ids]
+        if ids and isinstance(ids[0], list):
+            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
+        if clean_up_tokenization_spaces or (clean_up_tokenization_spaces is None and self.clean_up_tokenization_spaces):
+            self._warn_once("clean_up", "clean_up_tokenization_spaces=True is ignored: it would strip real spaces "
+                            "before punctuation from BPE text (transformers ignores it for BPE tokenizers too)")
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
@@ -293,14 +449,24 @@ class SlimPajamaTokenizer:
                 run.append(i)
         return "".join(text)
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        return [self.decode(s, skip_special_tokens) for s in sequences]
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: Optional[bool] = None) -> list[str]:
+        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in _to_list(sequences)]
 
-    def convert_ids_to_tokens(self, ids):
-        return self.sp.id_to_piece(ids)
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        """The piece of an id, or the pieces of a sequence of ids; an id past the vocabulary gives None,
+        as in transformers."""
+        ids = _to_list(ids)
+        if isinstance(ids, int):
+            return self.sp.id_to_piece(ids) if 0 <= ids < self.vocab_size else None
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None for i in ids if i not in special]
 
     def convert_tokens_to_ids(self, tokens):
         return self.sp.piece_to_id(tokens)
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        return self.decode(self.convert_tokens_to_ids(list(tokens)))
 
     # ---- control tokens ---------------------------------------------------------------------
     def add_control_tokens(self, tokens: Sequence[str]) -> list[int]:
@@ -326,7 +492,9 @@ class SlimPajamaTokenizer:
                 piece.piece, piece.score, piece.type = t, 0.0, spm_pb2.ModelProto.SentencePiece.USER_DEFINED
             state = self.__dict__.copy()
             self.__init__(proto.SerializeToString(), self.control_tokens + new, self.model_max_length)
-            self.padding_side = state["padding_side"]
+            for name in ("padding_side", "truncation_side", "clean_up_tokenization_spaces", "name_or_path",
+                         "_special_ids", "_warned"):
+                setattr(self, name, state[name])
             log.info("added %d control tokens (vocabulary %d)", len(new), self.vocab_size)
         return [self.sp.piece_to_id(t) for t in tokens]
 
@@ -336,7 +504,9 @@ class SlimPajamaTokenizer:
         return [t for t in CONTROL_SHAPE.findall(text) if t not in self.control_tokens]
 
     # ---- files ----------------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> tuple[str, ...]:
+        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json; returns their paths
+        (as transformers does). The special tokens saved are the current ones (a changed pad_token too)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MODEL_FILE).write_bytes(self._proto)
@@ -346,42 +516,99 @@ class SlimPajamaTokenizer:
             "add_bos_token": True,  # as our encode(add_special_tokens=True)
             "add_eos_token": False,
             "add_prefix_space": None,
-            "clean_up_tokenization_spaces": False,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
             "model_max_length": self.model_max_length,
             "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
             "sp_model_kwargs": {},
-            **SPECIAL_TOKENS,
+            **{name: getattr(self, name) for name in SPECIAL_TOKENS},
             "additional_special_tokens": self.control_tokens,
             "slimpajama_control_tokens": self.control_tokens,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        special_map = {**SPECIAL_TOKENS, "additional_special_tokens": self.control_tokens}
+        special_map = {**{name: getattr(self, name) for name in SPECIAL_TOKENS},
+                       "additional_special_tokens": self.control_tokens}
         (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+        return tuple(str(directory / f) for f in (CONFIG_FILE, "special_tokens_map.json", MODEL_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "SlimPajamaTokenizer":
-        """directory: a saved folder or a name of the local model index (see `slimpajama.registry`)."""
+    def from_pretrained(cls, directory: Union[str, os.PathLike], **overrides) -> "SlimPajamaTokenizer":
+        """directory: a saved folder or a name of the local model index (see `slimpajama.registry`).
+        overrides: the saved model_max_length, padding_side, truncation_side or special tokens
+        (`pad_token="</s>"`), as transformers' from_pretrained takes them."""
+        bad = sorted(set(overrides) - set(FROM_PRETRAINED_OPTIONS))
+        if bad:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments {bad} "
+                            f"(it takes {', '.join(FROM_PRETRAINED_OPTIONS)})")
         directory = Path(directory)
         if not directory.is_dir() or (directory / "model" / MODEL_FILE).is_file():
             directory = resolve_model(directory)  # a registered name, or a run folder
         model_file = directory / MODEL_FILE
         if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file} not found: not a saved SlimPajama tokenizer folder")
+            hint = (" (the folder has transformers' tokenizer.json only, as its save_pretrained writes: load it "
+                    "with AutoTokenizer, or copy tokenizer.model in from the folder it came from)"
+                    if (directory / "tokenizer.json").is_file() else "")
+            raise FileNotFoundError(f"{model_file} not found: not a saved SlimPajama tokenizer folder{hint}")
         config = {}
         if (directory / CONFIG_FILE).is_file():
             config = json.loads((directory / CONFIG_FILE).read_text())
+        config.update(overrides)
         tokenizer = cls(
             model_file.read_bytes(),
             control_tokens=config.get("slimpajama_control_tokens", config.get("additional_special_tokens", [])),
             model_max_length=config.get("model_max_length", 2048),
         )
-        tokenizer.padding_side = config.get("padding_side", "right")
+        for name in ("padding_side", "truncation_side"):
+            side = config.get(name, "right")
+            if side not in SIDES:
+                raise ValueError(f"{name}={side!r} (in {directory / CONFIG_FILE} or the arguments): "
+                                 "expected 'left' or 'right'")
+            setattr(tokenizer, name, side)
+        for name in SPECIAL_TOKENS:
+            token = config.get(name)
+            if token is not None:  # transformers may save {"content": "</s>", ...}
+                setattr(tokenizer, name, token["content"] if isinstance(token, dict) else token)
+        tokenizer.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        tokenizer.name_or_path = str(directory)
         return tokenizer
 
     def fingerprint(self) -> str:
         import hashlib
 
         return hashlib.sha256(self._proto).hexdigest()[:16]
+
+
+def _check_pad_options(padding, max_length, pad_to_multiple_of, padding_side, return_tensors) -> None:
+    if padding not in PADDING:
+        raise ValueError(f"padding={padding!r}: expected one of {', '.join(map(repr, PADDING))}")
+    for name, value, low in (("max_length", max_length, 0), ("pad_to_multiple_of", pad_to_multiple_of, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"{name}={value!r}: expected an integer of at least {low}")
+    if padding_side not in (None, *SIDES):
+        raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+    if return_tensors not in RETURN_TENSORS:
+        raise ValueError(f"return_tensors={return_tensors!r} is not supported (use None, 'pt' or 'np')")
+
+
+def _to_list(x):
+    """Python ints and lists from tensors, arrays and tuples (what transformers' `to_py_obj` does)."""
+    if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
+        return x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_to_list(v) for v in x]
+    return x
+
+
+def _as_tensors(rows, return_tensors: str, key: str):
+    """`rows` as a torch tensor ("pt") or a numpy array ("np"); ids and masks as int64."""
+    ints = key in ("input_ids", "attention_mask", "length")
+    try:
+        if return_tensors == "pt":
+            return torch.tensor(rows, dtype=torch.long if ints else None)
+        return np.array(rows, dtype=np.int64 if ints else None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{key!r} cannot be made a tensor ({e}); its rows must be of one length: pad them "
+                         "first (pad() pads only input_ids and attention_mask, as transformers' does)") from e
 
 
 def _starts_with_space(text: str) -> bool:
