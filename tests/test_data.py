@@ -198,7 +198,7 @@ def test_cache_key_changes_with_files_and_settings(tmp_path, corpus_dir):
     assert_new(root(control_tokens=["<|style:formal|>", "<|task:translate|>"]))
     assert_new(root(val_fraction=0.2))
     assert_new(root(on_bad_record="skip"))
-    assert_new(root(tokenizer_sample_bytes=1000))
+    assert_new(root(tokenizer_sample_chars=1000))
     assert root(num_proc=1) == base  # does not change the tokens
     # appending a document: new size and mtime
     gamma = data / "gamma" / "part-0.jsonl"
@@ -266,6 +266,10 @@ def test_vocab_size_mismatch_raises(prepared):
         ({"alpha": 1.0, "beta": 1.0}, r"missing \['gamma'\]"),
         ({"alpha": 1.0, "beta": -0.5, "gamma": 1.0}, "non-negative"),
         ({"alpha": 0.0, "beta": 0, "gamma": 0.0}, "no source a positive weight"),
+        ({"alpha": float("nan"), "beta": 1.0, "gamma": 1.0}, "finite non-negative numbers"),  # was: alpha dropped
+        ({"alpha": float("inf"), "beta": 1.0, "gamma": 1.0}, "finite non-negative numbers"),
+        ({"alpha": "2", "beta": 1.0, "gamma": 1.0}, "finite non-negative numbers"),
+        ({}, r"or be null.*missing \['alpha', 'beta', 'gamma'\]"),  # was: read as null
     ],
 )
 def test_weight_errors(prepared, weights, message):
@@ -273,6 +277,79 @@ def test_weight_errors(prepared, weights, message):
     with pytest.raises(CorpusError, match=message) as excinfo:
         dm.setup()
     assert "data.weights" in str(excinfo.value)
+
+
+def test_a_source_with_validation_documents_only_may_be_named_with_weight_zero():
+    dm = SlimPajamaDataModule(corpus=None, seq_len=SEQ_LEN, weights={"alpha": 1, "beta": 3, "rare": 0})
+    train = {"alpha": 1000, "beta": 1000}
+    assert dm._resolve_weights(train, {"alpha", "beta", "rare"}) == {"alpha": 0.25, "beta": 0.75}
+    dm.weights["rare"] = 1
+    with pytest.raises(CorpusError, match=r"\['rare'\] have validation documents only"):
+        dm._resolve_weights(train, {"alpha", "beta", "rare"})
+    with pytest.raises(CorpusError, match=r"unknown \['rare'\]"):
+        dm._resolve_weights(train, {"alpha", "beta"})
+
+
+def test_a_validation_source_under_one_block_is_named_in_a_warning(prepared, caplog):
+    val = prepared.manifest["tokens"]["val"]
+    small = min(val, key=val.get)
+    assert val[small] < max(val.values())
+    dm = SlimPajamaDataModule(prepared.corpus, seq_len=val[small], batch_size=BATCH, cache_dir=str(prepared.cache),
+                              progress=False)
+    dm.setup()
+    dm.val_dataloader()
+    assert "val/loss leaves out sources" in caplog.text and repr(small) in caplog.text
+
+
+@pytest.mark.parametrize("stops", [(0, 0), (1, 0), (4, 2)])
+def test_a_checkpointed_loader_resumes_with_the_next_unseen_batch(prepared, stops):
+    """Checkpoints after `stops` trained batches, one run resumed from the other, each with one batch
+    more read ahead (as Lightning's fetcher does): the batches trained on are those of one uninterrupted
+    epoch. 0: a checkpoint before the first batch was trained on (it used to skip a batch's worth), and
+    a resumed loader's checkpoints (they used to move on with the loader: LitData hands out one dict)."""
+    def loader():
+        dm = datamodule(prepared.corpus, prepared.cache, weights={"alpha": 1, "beta": 1, "gamma": 1})
+        dm.setup()
+        return dm.train_dataloader()
+
+    reference = list(loader())
+    trained, state = [], None
+    for consumed in stops:
+        run = loader()
+        if state is not None:
+            run.load_state_dict(state)
+        it = iter(run)
+        trained += [next(it) for _ in range(consumed + 1)][:consumed]
+        for _ in range(consumed):
+            run.mark_consumed()
+        state = run.state_dict()
+    last = loader()
+    last.load_state_dict(state)
+    trained += list(last)
+    assert len(trained) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(trained, reference))
+
+
+def test_the_tokenizer_sample_takes_an_even_share_of_every_source_in_a_shared_folder(tmp_path, monkeypatch):
+    """SlimPajama's own layout: chunk folders whose files mix every source. Each source gets its share of
+    tokenizer_sample_chars, not only the sources whose documents come first."""
+    (tmp_path / "chunk1").mkdir()
+    docs = [(f"alpha {i} " + "a" * 90, "alpha") for i in range(200)] + [(f"beta {i} " + "b" * 90, "beta") for i in range(50)]
+    write_jsonl_zst(str(tmp_path / "chunk1" / "part-0.jsonl.zst"), docs)
+    seen = {}
+
+    def train(texts, *args, **kwargs):
+        seen["texts"] = list(texts)
+        raise InterruptedError
+
+    monkeypatch.setattr(SlimPajamaTokenizer, "train", train)
+    corpus = text_corpus([tmp_path], tokenizer_sample_chars=4000)
+    with pytest.raises(InterruptedError):
+        corpus._train_tokenizer(corpus.files())
+    chars = Counter()
+    for text in seen["texts"]:
+        chars[text.split()[0]] += len(text)
+    assert chars == {"alpha": 2000, "beta": 2000}
 
 
 @pytest.mark.slow

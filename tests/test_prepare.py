@@ -181,6 +181,9 @@ def test_bad_input_errors_naming_file_and_line_or_is_skipped_and_counted(tmp_pat
     assert "invalid_json: 1" in (tmp_path / "out" / "stats.md").read_text()
     with pytest.raises(CorpusError, match="holds input files"):
         prep().run([str(tmp_path / "in")], str(tmp_path / "in" / "web"))
+    with pytest.raises(CorpusError, match="is inside the input"):  # it would be read back as input later
+        prep().run([str(tmp_path / "in")], str(tmp_path / "in" / "prepared"))
+    assert not (tmp_path / "in" / "prepared").exists()
     with pytest.raises(ValueError, match="prepare.ngram_unit"):
         prep(ngram_unit="token")
     with pytest.raises(ValueError, match="prepare.bands"):

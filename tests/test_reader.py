@@ -127,10 +127,11 @@ def test_txt_is_one_document_from_its_folder(tmp_path):
     text = "Line one.\n\n  Line two,\twith a tab.\n写一篇正式的文章\n"
     (tmp_path / "poems" / "a.txt").write_text(text, encoding="utf-8")
     (tmp_path / "poems" / "blank.txt").write_text("  \n\n\t\n")  # whitespace only: no document
+    (tmp_path / "poems" / "bom.txt").write_bytes(b"\xef\xbb\xbfWith a BOM.\n")  # as Windows editors save
     stats = ReadStats()
     docs = list(read_corpus([str(tmp_path / "poems")], stats=stats))
-    assert [(d.text, d.source, d.line) for d in docs] == [(text, "poems", 0)]
-    assert stats.documents == 1
+    assert [(d.text, d.source, d.line) for d in docs] == [(text, "poems", 0), ("With a BOM.\n", "poems", 0)]
+    assert stats.documents == 2
 
 
 def test_read_corpus_folder_recursive_sorted_and_mixed_formats(tmp_path):
@@ -203,8 +204,14 @@ BAD_LINES = {
     "text_null": (json.dumps({"text": None}).encode(), "no string field 'text'"),
     "not_an_object": (b'["text", "in a list"]', "no string field 'text'"),
     "invalid_utf8": (b'{"text": "caf\xe9 latin-1"}', "invalid UTF-8"),
+    "lone_surrogate": (b'{"text": "half \\ud800 of a pair"}', "lone UTF-16 surrogate"),
+    "source_escapes": (record("x", "../../outside").encode(), "not a plain folder name"),
+    "source_with_slash": (record("x", "a/b").encode(), "not a plain folder name"),
+    "source_not_string": (json.dumps({"text": "x", "meta": {"redpajama_set_name": 7}}).encode(), "is not a string"),
 }
-REASON = {"text_not_string": "no_text", "text_null": "no_text", "not_an_object": "no_text"}
+REASON = {"text_not_string": "no_text", "text_null": "no_text", "not_an_object": "no_text",
+          "lone_surrogate": "invalid_utf8", "source_escapes": "bad_source", "source_with_slash": "bad_source",
+          "source_not_string": "bad_source"}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
@@ -318,9 +325,16 @@ def test_folder_without_corpus_files_raises(tmp_path):
     (folder / "sub").mkdir(parents=True)
     (folder / "README.md").write_text("no corpus here")
     (folder / "sub" / "data.parquet").write_bytes(b"PAR1")
-    with pytest.raises(CorpusError, match="no .jsonl, .jsonl.zst, .txt file found") as excinfo:
+    with pytest.raises(CorpusError, match="holds no .jsonl, .jsonl.zst, .txt file") as excinfo:
         resolve_paths([str(folder)])
     assert str(folder) in str(excinfo.value)
+    # beside an entry that has files too: a mistyped folder is not silently left out
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "a.jsonl").write_text(record("x") + "\n")
+    with pytest.raises(CorpusError, match=f"'{folder}' holds no"):
+        resolve_paths([str(tmp_path / "good"), str(folder)])
+    with pytest.raises(CorpusError, match="holds no"):  # a glob that matches only other files
+        resolve_paths([str(tmp_path / "good"), str(folder / "*.md")])
 
 
 def test_file_with_wrong_suffix_raises(tmp_path):

@@ -100,6 +100,12 @@ def test_a_remote_copy_prepared_in_another_format_is_refused_naming_the_url(tiny
     remote = instantiate(cfg.data.module, remote_url=f"local:{old}", stream_cache_dir=str(tmp_path / "stream-cache"))
     with pytest.raises(CorpusError, match=rf"data.remote_url=local:{old}.*reads format {FORMAT_VERSION}"):
         remote.setup()
+    # uploaded again in the current format to the same URL: read afresh (LitData's downloader kept the old file)
+    manifest["format_version"] = FORMAT_VERSION
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    remote = instantiate(cfg.data.module, remote_url=f"local:{old}", stream_cache_dir=str(tmp_path / "stream-cache"))
+    remote.setup()
+    assert remote.prepared.manifest["format_version"] == FORMAT_VERSION
 
 
 def test_a_sharded_fsdp_checkpoint_consolidates_into_one_model_folder(tmp_path):

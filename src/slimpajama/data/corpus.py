@@ -133,8 +133,19 @@ class _Corpus:
         root = Path(local_dir) / f"remote-{_hash(url)}"
         root.mkdir(parents=True, exist_ok=True)
         downloader = get_downloader(url, str(root), [])
+
+        def download(name: str) -> None:
+            # afresh each time, into a file of this process, then replaced whole: LitData's downloaders
+            # keep a file that is already there (a corpus uploaded again to the URL would be read with the
+            # old manifest and tokenizer), and every rank of a job fetches at once
+            local = root / name
+            part = local.with_name(f"{local.name}.fetch-{os.getpid()}")
+            part.unlink(missing_ok=True)
+            downloader.download_file(f"{url}/{name}", str(part))
+            os.replace(part, local)
+
         try:
-            downloader.download_file(f"{url}/{MANIFEST}", str(root / MANIFEST))
+            download(MANIFEST)
         except Exception as e:
             raise FileNotFoundError(f"data.remote_url={url}: cannot read {url}/{MANIFEST} ({e})") from e
         manifest = json.loads((root / MANIFEST).read_text())
@@ -148,7 +159,7 @@ class _Corpus:
         if t := manifest.get("tokenizer_dir"):
             (root / t).mkdir(exist_ok=True)
             for name in (MODEL_FILE, CONFIG_FILE):
-                downloader.download_file(f"{url}/{t}/{name}", str(root / t / name))
+                download(f"{t}/{name}")
         return PreparedCorpus(root, manifest, url=url)
 
     def load(self, cache_dir: str) -> PreparedCorpus:
@@ -160,6 +171,17 @@ class _Corpus:
 
 # ---------------------------------------------------------------------------------------------
 # text corpora
+
+
+def _first_chars(texts: list[str], n: int) -> list[str]:
+    """The texts up to `n` characters in all, the last one cut."""
+    out = []
+    for t in texts:
+        if n <= 0:
+            break
+        out.append(t[:n])
+        n -= len(out[-1])
+    return out
 
 
 def _tokenize_file(args) -> tuple[str, dict, ReadStats]:
@@ -184,7 +206,7 @@ class TextCorpus(_Corpus):
         vocab_size: int = 8192,
         control_tokens: Sequence[str] = (),
         tokenizer_path: Optional[str] = None,
-        tokenizer_sample_bytes: int = 20_000_000,
+        tokenizer_sample_chars: int = 20_000_000,
         val_fraction: float = 0.01,
         on_bad_record: str = "error",
         num_proc: Optional[int] = None,
@@ -202,7 +224,7 @@ class TextCorpus(_Corpus):
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.paths, self.vocab_size, self.control_tokens = list(paths), vocab_size, list(control_tokens)
-        self.tokenizer_path, self.sample_bytes = tokenizer_path, tokenizer_sample_bytes
+        self.tokenizer_path, self.sample_chars = tokenizer_path, tokenizer_sample_chars
         self.val_fraction, self.on_bad_record = val_fraction, on_bad_record
         self.num_proc = num_proc or os.cpu_count() or 1
         self.build = build
@@ -220,32 +242,42 @@ class TextCorpus(_Corpus):
         tokenizer = (
             SlimPajamaTokenizer.from_pretrained(self.tokenizer_path).fingerprint()
             if self.tokenizer_path
-            else {"vocab_size": self.vocab_size, "control_tokens": self.control_tokens, "sample": self.sample_bytes}
+            else {"vocab_size": self.vocab_size, "control_tokens": self.control_tokens, "sample": self.sample_chars}
         )
         return {"v": FORMAT_VERSION, "files": files, "tokenizer": tokenizer,
                 "val_fraction": self.val_fraction, "on_bad_record": self.on_bad_record}
 
     def _train_tokenizer(self, files: list[str]) -> SlimPajamaTokenizer:
-        """Train on an even share of `sample_bytes` from each source's training documents."""
-        by_source: dict[str, list[str]] = defaultdict(list)
+        """Train on an even share of `sample_chars` characters from each source's training documents.
+
+        A document's source is its record's (`meta.redpajama_set_name`), so this holds for a folder per
+        source and for SlimPajama's own layout (chunk folders whose files mix every source) alike. The
+        folders are read in turn, each until every source met in it has its share (the share shrinks as
+        sources appear; each source keeps its first documents up to the final share). Reading stops at the
+        end of a file, so a folder of one source is read about as far as its share, and the sample is the
+        same as a folder-by-folder one."""
+        by_folder: dict[str, list[str]] = defaultdict(list)
         for f in files:
-            by_source[Path(f).parent.name].append(f)
-        budget = self.sample_bytes // max(1, len(by_source))
-        sample: list[str] = []
-        for group in by_source.values():
-            taken = 0
-            for f in group:
+            by_folder[str(Path(f).parent)].append(f)
+        texts: dict[str, list[str]] = defaultdict(list)  # source -> its documents, in file order
+        chars: dict[str, int] = defaultdict(int)
+        for group in by_folder.values():
+            met: set[str] = set()
+            for f in group:  # whole files: a file may hold one source's documents, then another's
                 for doc in read_file(f, on_bad_record=self.on_bad_record):
-                    if not is_val(doc.text, self.val_fraction):
-                        sample.append(doc.text[: budget - taken])
-                        taken += len(sample[-1])
-                    if taken >= budget:
-                        break
-                if taken >= budget:
+                    met.add(doc.source)
+                    share = self.sample_chars // len(chars.keys() | {doc.source})
+                    if not is_val(doc.text, self.val_fraction) and chars[doc.source] < share:
+                        texts[doc.source].append(doc.text[: share - chars[doc.source]])
+                        chars[doc.source] += len(texts[doc.source][-1])
+                if all(chars[s] >= self.sample_chars // len(chars) for s in met):
                     break
+        share = self.sample_chars // max(1, len(texts))
+        sample = [t for docs in texts.values() for t in _first_chars(docs, share)]
         if not sample:
             raise CorpusError(f"data.paths={self.paths}: no training documents to train the tokenizer on")
-        log.info("training a %d-token SentencePiece BPE tokenizer on %.1f MB", self.vocab_size, sum(map(len, sample)) / 1e6)
+        log.info("training a %d-token SentencePiece BPE tokenizer on %.1fM characters of %d sources",
+                 self.vocab_size, sum(map(len, sample)) / 1e6, len(texts))
         return SlimPajamaTokenizer.train(sample, self.vocab_size, self.control_tokens)
 
     def _build(self, root: Path, progress: bool) -> dict:

@@ -8,10 +8,14 @@ of the chunks, from a local folder or an object store alike.
 The training loader's position is part of every checkpoint (Lightning stores `state_dict()` of a
 stateful loader). Lightning fetches one batch ahead of the one it trains on, so a plain
 `StreamingDataLoader` would save a position one batch too far and a resumed run would skip a batch;
-`ResumableStreamingDataLoader` saves the position after the last batch actually trained on.
+`ResumableStreamingDataLoader` saves the position after the last batch actually trained on. That is
+exact with `data.num_workers=0` (the default); with workers, LitData's combined dataset restores the
+position only approximately (a few blocks of the resumed epoch repeat and as many are skipped), and a
+resume says so in a warning.
 """
 
 import logging
+import math
 from collections import deque
 from copy import deepcopy
 from pathlib import Path
@@ -56,7 +60,7 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         for n, batch in enumerate(super().__iter__(), start=1):
             if n == 1:
                 self._start_state = self._state_before_first_batch(restoring, before)
-            self._snapshots.append((n, super().state_dict()))
+            self._snapshots.append((n, _detached(super().state_dict())))
             yield batch
 
     def _state_before_first_batch(self, restoring: bool, before: tuple) -> dict:
@@ -67,12 +71,26 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         else:  # after `load_state_dict`, the worker index is advanced by one: store the one before 0
             start = ({}, 0, (self.num_workers or 1) - 1)
         self._num_samples_yielded_wrapper, self._num_samples_yielded_streaming, self._latest_worker_idx = start
+        # without workers, a combined dataset's state comes from its live iterator, which has already
+        # yielded this batch: hide it, so the state is built from the counters set above
+        live = getattr(self.dataset, "_iterator", None)
+        if isinstance(self.dataset, CombinedStreamingDataset):
+            self.dataset._iterator = None
         try:
             if restoring:
                 self._latest_worker_idx -= 1  # undo load_state_dict's advance: a reload advances it again
-            return super().state_dict()
+            return _detached(super().state_dict())
         finally:
             self._num_samples_yielded_wrapper, self._num_samples_yielded_streaming, self._latest_worker_idx = current
+            if isinstance(self.dataset, CombinedStreamingDataset):
+                self.dataset._iterator = live
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.num_workers:
+            log.warning("resuming the data position with data.num_workers=%d: LitData restores it only "
+                        "approximately across workers (some blocks of this epoch repeat, as many are "
+                        "skipped); data.num_workers=0 resumes exactly", self.num_workers)
+        super().load_state_dict(state)
 
     def mark_consumed(self) -> None:
         self._consumed += 1
@@ -87,6 +105,17 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         n, state = self._snapshots[0]
         assert n == self._consumed, (n, self._consumed)
         return state
+
+
+def _detached(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with dataset parts of its own. A resumed StreamingDataset returns (and updates) one and the
+    same dict from every `state_dict()` call, so a snapshot kept as it is would move on with the loader."""
+    state = dict(state)
+    dataset = state.get("dataset")
+    if isinstance(dataset, dict):
+        nested = dataset and all(isinstance(v, dict) for v in dataset.values())  # a combined dataset's parts
+        state["dataset"] = {k: dict(v) for k, v in dataset.items()} if nested else dict(dataset)
+    return state
 
 
 class SlimPajamaDataModule(L.LightningDataModule):
@@ -114,7 +143,7 @@ class SlimPajamaDataModule(L.LightningDataModule):
         self.corpus = corpus
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.weights = dict(weights) if weights else None
+        self.weights = None if weights is None else dict(weights)
         self.cache_dir, self.num_workers, self.seed, self.progress = cache_dir, num_workers, seed, progress
         self.expected_vocab_size = vocab_size
         self.remote_url = remote_url
@@ -139,7 +168,7 @@ class SlimPajamaDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.vocab_size={self.expected_vocab_size} but the prepared corpus has a vocabulary of {vocab}"
             )
-        self.train_weights = self._resolve_weights(self.prepared.tokens("train"))
+        self.train_weights = self._resolve_weights(self.prepared.tokens("train"), set(self.prepared.tokens("val")))
         for name, value in self.prepared.metrics.items():
             log.info("%s = %.4f", name, value)
 
@@ -151,21 +180,30 @@ class SlimPajamaDataModule(L.LightningDataModule):
     def metrics(self) -> dict:
         return self.prepared.metrics if self.prepared else {}
 
-    def _resolve_weights(self, tokens: dict[str, int]) -> dict[str, float]:
+    def _resolve_weights(self, tokens: dict[str, int], val_sources: set[str] = frozenset()) -> dict[str, float]:
+        """tokens: the training tokens per source; val_sources: the sources with validation tokens (a
+        source with none for training may be named, with weight 0)."""
         block = self.seq_len + 1
         if self.weights is None:
             weights = {s: float(n) for s, n in tokens.items()}
         else:
-            unknown = sorted(set(self.weights) - set(tokens))
+            unknown = sorted(set(self.weights) - set(tokens) - set(val_sources))
             missing = sorted(set(tokens) - set(self.weights))
             if unknown or missing:
                 raise CorpusError(
-                    f"data.weights must name every source of the corpus: sources {sorted(tokens)}; "
+                    f"data.weights must name every source of the corpus (or be null, to mix by token "
+                    f"counts): sources {sorted(tokens)}; "
                     + (f"unknown {unknown}; " if unknown else "")
                     + (f"missing {missing}" if missing else "")
                 )
-            if any(w < 0 for w in self.weights.values()):
-                raise CorpusError(f"data.weights must be non-negative, got {self.weights}")
+            bad = {s: w for s, w in self.weights.items()
+                   if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0}
+            if bad:
+                raise CorpusError(f"data.weights must be finite non-negative numbers, got {bad}")
+            val_only = sorted(s for s, w in self.weights.items() if w > 0 and s not in tokens)
+            if val_only:
+                raise CorpusError(f"data.weights: {val_only} have validation documents only, no training "
+                                  "tokens: give them weight 0")
             weights = {s: float(w) for s, w in self.weights.items() if w > 0}
         too_small = [s for s in weights if tokens[s] < block]
         if too_small:
@@ -215,6 +253,10 @@ class SlimPajamaDataModule(L.LightningDataModule):
         block = self.seq_len + 1
         tokens = self.prepared.tokens("val")
         dirs = {s: d for s, d in self.prepared.dirs("val").items() if tokens[s] >= block}
+        left_out = {s: n for s, n in tokens.items() if n < block}
+        if left_out and dirs:
+            log.warning("val/loss leaves out sources with fewer validation tokens than one block of "
+                        "data.seq_len + 1 = %d: %s (raise data.val_fraction to include them)", block, left_out)
         if not dirs:
             raise CorpusError(
                 f"the validation split has no source with a block of {block} tokens: raise data.val_fraction"

@@ -6,6 +6,7 @@ Bad input raises `CorpusError` naming the file and line, or, with `on_bad_record
 is skipped and counted in `ReadStats`; nothing is ever silently truncated.
 """
 
+import codecs
 import glob
 import json
 import os
@@ -41,6 +42,15 @@ class ReadStats:
         self.skipped.update(other.skipped)
 
 
+def source_problem(source) -> Optional[str]:
+    """Why `source` cannot name a source (it names folders of the token cache), or None if it can."""
+    if not isinstance(source, str):
+        return f"the source name {source!r} is not a string"
+    if source in (".", "..") or any(c in source for c in "/\\\0"):
+        return f"the source name {source!r} is not a plain folder name (no '/', '\\', NUL, '.' or '..')"
+    return None
+
+
 def _walk(folder: str) -> list[str]:
     return glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
 
@@ -50,8 +60,8 @@ def resolve_paths(paths: Iterable[str]) -> list[str]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: set[str] = set()
-    for p in paths:
-        p = os.path.expanduser(str(p))
+    for entry in paths:
+        p = os.path.expanduser(str(entry))
         if glob.has_magic(p):
             matches = glob.glob(p, recursive=True)
             if not matches:
@@ -65,11 +75,10 @@ def resolve_paths(paths: Iterable[str]) -> list[str]:
             candidates = [p]
         else:
             raise CorpusError(f"data.paths: {p} does not exist")
-        for c in candidates:
-            if os.path.isfile(c) and c.endswith(SUFFIXES):
-                files.add(os.path.abspath(c))
-    if not files:
-        raise CorpusError(f"data.paths: no {', '.join(SUFFIXES)} file found in {list(paths)}")
+        found = {os.path.abspath(c) for c in candidates if os.path.isfile(c) and c.endswith(SUFFIXES)}
+        if not found:  # a mistyped entry beside good ones would silently leave its data out
+            raise CorpusError(f"data.paths: {entry!r} holds no {', '.join(SUFFIXES)} file")
+        files |= found
     return sorted(files)
 
 
@@ -130,6 +139,8 @@ def read_file(
         raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     stats = stats if stats is not None else ReadStats()
     folder_source = default_source or Path(path).parent.name
+    if problem := source_problem(folder_source):
+        raise CorpusError(f"{path}: {problem}")
 
     def bad(reason: str, message: str):
         if on_bad_record == "error":
@@ -138,7 +149,7 @@ def read_file(
 
     if path.endswith(".txt"):
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read().removeprefix(codecs.BOM_UTF8)  # Windows editors start text files with one
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -167,10 +178,26 @@ def read_file(
         if not isinstance(text, str):
             bad("no_text", f"{path}:{lineno}: the record has no string field 'text'")
             continue
+        if "\\u" in line and _has_surrogate(text):  # JSON can escape half of a UTF-16 pair, "\\ud800"
+            bad("invalid_utf8", f"{path}:{lineno}: the text holds a lone UTF-16 surrogate (an escape such as "
+                                "\\ud800 without its pair): not valid Unicode")
+            continue
         meta = record.get("meta") or {}
         source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+        source = folder_source if source in (None, "") else source
+        if problem := source_problem(source):
+            bad("bad_source", f"{path}:{lineno}: {problem} (meta.redpajama_set_name)")
+            continue
         stats.documents += 1
-        yield Document(text, source or folder_source, path, lineno)
+        yield Document(text, source, path, lineno)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_corpus(
