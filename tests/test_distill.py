@@ -124,6 +124,18 @@ def test_chunked_distill_loss_rejects_bad_settings():
         linear_distill_loss(h, w, h, w, y, kind="kl")
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"temperature": "2"}, "stage.module.temperature='2' must be a finite number"),
+    ({"kd_ratio": float("nan")}, "stage.module.kd_ratio=nan must be a finite number"),
+    ({"hidden_weight": -3.0}, "stage.module.hidden_weight=-3.0 must be >= 0"),
+    ({"temperature": 0}, "stage.module.temperature=0 must be positive"),
+    ({"kd_ratio": 1.5}, r"stage.module.kd_ratio=1.5 must lie in \[0, 1\]"),
+])
+def test_bad_stage_settings_name_the_key_before_any_model_is_built(setting, message):
+    with pytest.raises(ValueError, match=message):
+        DistillationModule(model=SlimPajamaConfig(vocab_size=64, n_layer=1, d_model=16, n_head=2, max_seq_len=16), optimizer=None, **setting)
+
+
 def test_hidden_state_loss_by_hand():
     s = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     t = torch.tensor([[[2.0, 0.0], [1.0, -1.0]]])

@@ -12,7 +12,7 @@ import torch
 from conftest import CONTROL, TINY, compose_cfg, english, wandb_offline_record
 from slimpajama import SlimPajamaModel, SlimPajamaTokenizer
 from slimpajama.data import tasks as T
-from slimpajama.data.finetune import collate, encode_example, encode_prompt
+from slimpajama.data.finetune import FinetuneDataModule, collate, control_tokens_in, encode_example, encode_prompt
 from slimpajama.evaluate import SourceClassifier, classification_scores, qa_scores, translation_scores
 from slimpajama.losses import IGNORE_INDEX
 from slimpajama.model import SlimPajamaConfig
@@ -165,6 +165,27 @@ def test_user_jsonl_bad_line_names_file_and_line(tmp_path):
         T.read_examples(f)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"custom": {"c": {"knd": "classification", "path": "c.jsonl"}}}, r"data.custom.c: unknown keys \['knd'\]"),
+    ({"custom": {"c": {"kind": "classification"}}}, "data.custom.c.path is missing"),
+    ({"custom": {"c": {"path": "c.jsonl", "weight": "half"}}}, "data.custom.c.weight='half' must be a finite number"),
+    ({"custom": {"c": "c.jsonl"}}, "data.custom.c must be a mapping"),
+    ({"val_fraction": 1.2}, r"data.val_fraction=1.2 must lie in \[0, 1\)"),
+    ({"val_fraction": 0.6, "test_fraction": 0.6}, "leaves no training examples"),
+])
+def test_task_settings_are_checked_naming_the_key(tmp_path, settings, message):
+    """A mistyped key of a custom task used to be ignored (a classification task trained as generation)."""
+    with pytest.raises(ValueError, match=message):
+        FinetuneDataModule(tasks={"qa": 1.0}, output_dir=str(tmp_path), **settings)
+    with pytest.raises(T.CorpusError, match="data.custom.c.kind='classify'"):
+        T.user_task("c", "classify", str(tmp_path), 0.1, 0.1)
+
+
+def test_every_control_token_of_a_control_field_is_a_token():
+    fields = ["<|style:formal|><|lang:en|>", "<|style:formal|>Write politely", "写一篇正式的文章", "<|b|> <|a|>"]
+    assert control_tokens_in(fields) == ["<|a|>", "<|b|>", "<|lang:en|>", "<|style:formal|>"]
+
+
 # ---- prompt masking --------------------------------------------------------------------------------
 def test_loss_counts_only_output_tokens(tok2):
     template = "{control}{input}\n"
@@ -230,6 +251,10 @@ def test_metrics_on_hand_made_examples():
     same = translation_scores(["the water is very cold today ."], ["the water is very cold today ."])
     assert same["bleu"] == pytest.approx(100) and same["chrf"] == pytest.approx(100)
     assert translation_scores(["x y z w"], ["the water is very cold today ."])["bleu"] == 0
+    # by hand, on sacreBLEU's 13a tokens ("mat." is "mat" "."): n-gram precisions 6/7, 4/6, 2/5, 1/4, equal
+    # lengths (on whitespace tokens it would be 5/6, 3/5, 2/4, 1/3: 53.7)
+    bleu = translation_scores(["The cat sat on the mat."], ["The cat sat on a mat."])["bleu"]
+    assert bleu == pytest.approx(100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25, abs=1e-4)
 
 
 def test_source_classifier_separates_registers():

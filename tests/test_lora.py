@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, compose_cfg
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama.lora import LoRALinear, apply_lora, has_lora, merge_lora
+from slimpajama.lora import LoRALinear, apply_lora, check_lora_settings, has_lora, merge_lora
 from slimpajama.optim import param_groups
 
 
@@ -72,6 +72,20 @@ def test_only_the_given_embedding_rows_train_and_are_never_decayed():
 def test_unknown_targets_are_a_clear_error():
     with pytest.raises(ValueError, match="lora.targets"):
         apply_lora(tiny_model(), targets=["q_proj"])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"rank": 0}, r"stage.module.lora.rank=0 must be a positive integer"),
+    ({"rank": 4.5}, r"stage.module.lora.rank=4.5 must be a positive integer"),
+    ({"alpha": -16}, r"stage.module.lora.alpha=-16 must be a positive number"),
+    ({"dropout": 1.5}, r"stage.module.lora.dropout=1.5 must lie in \[0, 1\)"),
+    ({"targets": []}, r"stage.module.lora.targets is empty"),
+    ({"rnak": 8}, r"stage.module.lora: unknown keys \['rnak'\]"),
+])
+def test_bad_lora_settings_name_the_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_lora_settings(settings, "stage.module.lora")
+    check_lora_settings({"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["qkv"]}, "stage.module.lora")
 
 
 def test_finetune_stage_with_lora_saves_a_dense_model_changed_by_low_rank_updates(tok, tmp_path):

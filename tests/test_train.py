@@ -48,6 +48,7 @@ def test_training_lowers_the_loss_and_logs_namespaced_metrics(tiny_overrides, tm
     assert last < first - 0.5, (first, last)
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "train/lr", "val/loss", "val/ppl", "train/tokens_per_sec", "train/mfu"} <= set(header)
+    assert "model/params" in header  # the end-of-run metrics reach the CSV too (they were never flushed)
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert len(list((out / "checkpoints").glob("step_*.ckpt"))) == 1  # the best one
 

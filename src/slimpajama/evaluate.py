@@ -5,8 +5,8 @@ Per task kind (torchmetrics where it has the metric):
 - classification: each label is scored by the log-likelihood of its tokens (and eos) after the
   prompt and the best one is the prediction (no free-form parsing); accuracy and macro F1
   (`MulticlassAccuracy`, `MulticlassF1Score`) beside the majority-class baseline of the training split.
-- translation: greedy decoding to the first newline; BLEU and chrF (`torchmetrics.text`) beside the
-  copy-the-input baseline.
+- translation: greedy decoding to the first newline; BLEU (sacreBLEU's 13a tokens, no smoothing) and
+  chrF (`torchmetrics.text`) beside the copy-the-input baseline.
 - qa: greedy decoding; exact match and token F1 (`torchmetrics.text.SQuAD`).
 - dialogue: perplexity of the reference replies (output tokens only).
 - generation (control by source): for each control value, sampled generations with the control,
@@ -107,11 +107,13 @@ def qa_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str
 
 
 def translation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU-4 (0-100, with smoothing off, as sacreBLEU's default) and chrF (0-100)."""
-    from torchmetrics.text import BLEUScore, CHRFScore
+    """Corpus BLEU-4 (0-100) and chrF (0-100). BLEU tokenizes as sacreBLEU does by default (13a: punctuation
+    split from words, so "station?" is two tokens) and does not smooth: sacreBLEU's
+    `smooth_method="none"` (its default "exp" smoothing differs only where an n-gram order has no match)."""
+    from torchmetrics.text import CHRFScore, SacreBLEUScore
 
     refs = [[r] for r in references]
-    return {"bleu": 100 * float(BLEUScore()(list(predictions), refs)),
+    return {"bleu": 100 * float(SacreBLEUScore(tokenize="13a")(list(predictions), refs)),
             "chrf": 100 * float(CHRFScore()(list(predictions), refs))}
 
 

@@ -17,6 +17,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from slimpajama.checks import is_finite_number
+
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
@@ -60,6 +62,26 @@ def _swap_children(model: nn.Module, pick, make) -> list[str]:
                 setattr(module, child_name, make(child))
                 swapped.append(f"{name}.{child_name}" if name else child_name)
     return swapped
+
+
+LORA_KEYS = ("rank", "alpha", "dropout", "targets")
+
+
+def check_lora_settings(settings: dict, key: str = "lora") -> None:
+    """Refuse settings `apply_lora` cannot use, naming `key`.<setting>: unknown keys, a rank that is not
+    a positive integer, an alpha that is not positive, a dropout outside [0, 1), an empty targets list."""
+    unknown = sorted(set(settings) - set(LORA_KEYS))
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown} (it takes enabled, {', '.join(LORA_KEYS)})")
+    rank, alpha, dropout = settings.get("rank", 8), settings.get("alpha", 16.0), settings.get("dropout", 0.0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"{key}.rank={rank!r} must be a positive integer")
+    if not is_finite_number(alpha) or alpha <= 0:
+        raise ValueError(f"{key}.alpha={alpha!r} must be a positive number (the updates are scaled by alpha / rank)")
+    if not is_finite_number(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"{key}.dropout={dropout!r} must lie in [0, 1)")
+    if "targets" in settings and not list(settings["targets"]):
+        raise ValueError(f"{key}.targets is empty: name the projections to adapt (qkv, o_proj, gate_up, down_proj)")
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -166,6 +166,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     metrics["trainer/global_step"] = trainer.global_step
     for lg in trainer.loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "data/", "model/"))}, trainer.global_step)
+        lg.save()  # after fit nothing else flushes them (the CSV logger writes every log_every_n_steps)
     if trainer.is_global_zero and "val/loss" in metrics:
         log.info(
             "final validation: loss %.4f, perplexity %.2f%s",

@@ -15,7 +15,6 @@ resume says so in a warning.
 """
 
 import logging
-import math
 from collections import deque
 from copy import deepcopy
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
+from slimpajama.checks import is_finite_number
 from slimpajama.data.corpus import MarkovCorpus, PreparedCorpus, TextCorpus
 from slimpajama.data.reader import CorpusError
 
@@ -196,8 +196,7 @@ class SlimPajamaDataModule(L.LightningDataModule):
                     + (f"unknown {unknown}; " if unknown else "")
                     + (f"missing {missing}" if missing else "")
                 )
-            bad = {s: w for s, w in self.weights.items()
-                   if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0}
+            bad = {s: w for s, w in self.weights.items() if not is_finite_number(w) or w < 0}
             if bad:
                 raise CorpusError(f"data.weights must be finite non-negative numbers, got {bad}")
             val_only = sorted(s for s, w in self.weights.items() if w > 0 and s not in tokens)

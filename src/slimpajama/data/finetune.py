@@ -14,17 +14,19 @@ seeded `WeightedRandomSampler`; validation runs over every task's validation spl
 
 import logging
 import string
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from slimpajama.checks import is_finite_number
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
 from slimpajama.losses import IGNORE_INDEX
 from slimpajama.registry import latest_model, resolve_model
-from slimpajama.tokenizer import SlimPajamaTokenizer
+from slimpajama.tokenizer import CONTROL_SHAPE, SlimPajamaTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,32 @@ def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "labels": labels}
 
 
+def control_tokens_in(fields: Iterable[str]) -> list[str]:
+    """The control tokens (`<|...|>`) in the control fields, sorted: "<|style:formal|><|lang:en|>" holds two,
+    "<|style:formal|>Write politely" one beside plain words (an instruction alone, none)."""
+    return sorted({token for field in fields for token in CONTROL_SHAPE.findall(field)})
+
+
+CUSTOM_KEYS = ("kind", "path", "weight")
+
+
+def _custom_spec(name: str, spec) -> dict:
+    """A `data.custom.<name>` entry checked: its keys, a path, a kind (default generation) and a weight."""
+    key = f"data.custom.{name}"
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{key} must be a mapping of {', '.join(CUSTOM_KEYS)}, got {spec!r}")
+    spec = dict(spec)
+    unknown = sorted(set(map(str, spec)) - set(CUSTOM_KEYS))
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown} (it takes {', '.join(CUSTOM_KEYS)})")
+    if not spec.get("path"):
+        raise ValueError(f"{key}.path is missing: the task's jsonl file, or a folder of train/val/test.jsonl")
+    weight = spec.get("weight", 1.0)
+    if not is_finite_number(weight) or weight < 0:
+        raise ValueError(f"{key}.weight={weight!r} must be a finite number >= 0")
+    return {"kind": spec.get("kind", "generation"), "path": str(spec["path"]), "weight": float(weight)}
+
+
 class FinetuneDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -133,8 +161,14 @@ class FinetuneDataModule(L.LightningDataModule):
         max_val_examples: per task, for the validation loss (the test split is for evaluation)."""
         super().__init__()
         self.task_weights = {str(k): float(v) for k, v in (tasks or {}).items()}
-        self.custom = {str(k): dict(v) for k, v in (custom or {}).items()}
-        self.task_weights.update({k: float(v.get("weight", 1.0)) for k, v in self.custom.items()})
+        self.custom = {str(k): _custom_spec(str(k), v) for k, v in (custom or {}).items()}
+        self.task_weights.update({k: v["weight"] for k, v in self.custom.items()})
+        for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name}={value} must lie in [0, 1)")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves no "
+                             "training examples: their sum must be below 1")
         if not self.task_weights or any(w < 0 for w in self.task_weights.values()) or not any(self.task_weights.values()):
             raise ValueError(f"data.tasks must give at least one task a positive weight, got {self.task_weights}")
         unknown = sorted(set(tasks or {}) - set(BUILT_IN))
@@ -160,8 +194,7 @@ class FinetuneDataModule(L.LightningDataModule):
                             self.val_fraction, self.test_fraction, self.seed)
         for name, spec in self.custom.items():
             if self.task_weights[name] > 0:
-                tasks[name] = user_task(name, spec.get("kind", "generation"), spec["path"], self.val_fraction,
-                                        self.test_fraction)
+                tasks[name] = user_task(name, spec["kind"], spec["path"], self.val_fraction, self.test_fraction)
         if not tasks:
             raise ValueError("no task could be built (see the warnings above for what to install)")
         return tasks
@@ -176,7 +209,7 @@ class FinetuneDataModule(L.LightningDataModule):
         init = resolve_init(self.init_from, self.log_dir)
         tokenizer = SlimPajamaTokenizer.from_pretrained(init)
         before = len(tokenizer)
-        controls = sorted({c for t in self.tasks.values() for c in t.controls if c.startswith("<|") and c.endswith("|>")})
+        controls = control_tokens_in(c for t in self.tasks.values() for c in t.controls)
         tokenizer.add_control_tokens(controls)
         log.info("tokenizer of %s: %d -> %d tokens (%d control tokens)", init, before, len(tokenizer), len(controls))
         self._tokenizer = tokenizer

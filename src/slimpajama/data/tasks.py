@@ -131,7 +131,7 @@ def load_task(folder: Path) -> TaskSet:
 def user_task(name: str, kind: str, path: str, val_fraction: float, test_fraction: float) -> TaskSet:
     """A task from the user's own jsonl: one file (split by hash), or a folder of train/val/test.jsonl."""
     if kind not in KINDS:
-        raise CorpusError(f"data.tasks.{name}.kind={kind!r}: one of {', '.join(KINDS)}")
+        raise CorpusError(f"data.custom.{name}.kind={kind!r}: one of {', '.join(KINDS)}")
     p = Path(path)
     if p.is_dir():
         splits = {s: read_examples(p / f"{s}.jsonl") for s in SPLITS if (p / f"{s}.jsonl").is_file()}
@@ -141,7 +141,7 @@ def user_task(name: str, kind: str, path: str, val_fraction: float, test_fractio
     elif p.is_file():
         splits = split_examples(name, read_examples(p), val_fraction, test_fraction)
     else:
-        raise FileNotFoundError(f"data.tasks.{name}.path={path} does not exist")
+        raise FileNotFoundError(f"data.custom.{name}.path={path} does not exist")
     labels = sorted({ex["output"] for rows in splits.values() for ex in rows}) if kind == "classification" else []
     return TaskSet(name, kind, splits, labels)
 

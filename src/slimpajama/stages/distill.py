@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from slimpajama.checks import is_finite_number
 from slimpajama.losses import KD_KINDS, IGNORE_INDEX, hidden_state_loss, linear_cross_entropy, linear_distill_loss
 from slimpajama.model import SlimPajamaConfig
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
@@ -124,6 +125,12 @@ class DistillationModule(FusedOptimizerClipping, L.LightningModule):
         super().__init__()
         if kind not in KD_KINDS:
             raise ValueError(f"stage.module.kind={kind!r}: one of {', '.join(KD_KINDS)}")
+        for name, value in (("temperature", temperature), ("kd_ratio", kd_ratio), ("hidden_weight", hidden_weight)):
+            if not is_finite_number(value):
+                raise ValueError(f"stage.module.{name}={value!r} must be a finite number")
+        if hidden_weight < 0:
+            raise ValueError(f"stage.module.hidden_weight={hidden_weight} must be >= 0 (a negative weight pushes "
+                             "the hidden states apart)")
         if not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"stage.module.kd_ratio={kd_ratio} must lie in [0, 1]")
         if temperature <= 0:

@@ -23,7 +23,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from slimpajama.data.finetune import resolve_init
-from slimpajama.lora import apply_lora, has_lora, merge_lora, row_trainable_weights
+from slimpajama.lora import apply_lora, check_lora_settings, has_lora, merge_lora, row_trainable_weights
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
@@ -53,6 +53,8 @@ class FinetuneModule(FusedOptimizerClipping, L.LightningModule):
         log.info("fine-tuning %s", self.init_dir)
         self.evaluation = dict(evaluation or {})
         self.lora = {k: v for k, v in (lora or {}).items() if k != "enabled"} if (lora or {}).get("enabled") else None
+        if self.lora is not None:
+            check_lora_settings(self.lora, "stage.module.lora")
         self.trainable_params = None  # counted at the first setup (LoRA applied, nothing merged yet)
         self.val_loss = MeanMetric()
         self.generation_config: dict = {}  # saved into generation_config.json by the pipeline

@@ -1,0 +1,8 @@
+"""Checks of config values shared by the stages and data modules (their errors name the config key)."""
+
+import math
+
+
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool, not a string from a YAML typo) that is neither NaN nor infinite."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
