@@ -4,8 +4,9 @@
     python bench/collect_sweep.py logs/multiruns/prune/<time>      # or: latest (the newest prune multirun)
     python bench/collect_sweep.py <folder> --x prune.sparsity --y prune/ppl_pruned --line prune.method
 
-The files are written into the multirun folder (or --out). The dense model's perplexity
-(`prune/ppl_dense`, the same in every job) is drawn as a dashed reference line when present.
+The files are written into the multirun folder (or --out). A key a job did not override (a default)
+is read from its `.hydra/config.yaml`. When --y is a perplexity, the dense model's (`prune/ppl_dense`,
+the same in every job) is drawn as a dashed reference line.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from slimpajama.sweep import collect, plot, write_table
+from slimpajama.sweep import DEFAULT_METRICS, collect, plot, write_table
 
 
 def main(argv=None) -> int:
@@ -34,13 +35,17 @@ def main(argv=None) -> int:
         if not runs:
             sys.exit(f"no multirun folder under {Path(args.log_dir) / 'multiruns' / 'prune'}")
         folder = runs[-1]
-    rows = collect(folder)
-    out = Path(args.out or folder)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = write_table(rows, out)
-    dense = [r["prune/ppl_dense"] for r in rows if "prune/ppl_dense" in r]
-    png = plot(rows, out / "sweep.png", x=args.x, y=args.y, line=args.line, logy=not args.linear,
-               reference=dense[0] if dense else None, title=f"{folder.parent.name}/{folder.name}")
+    try:
+        rows = collect(folder, keys=[k for k in (args.x, args.line) if k])
+        out = Path(args.out or folder)
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path, md_path = write_table(rows, out, metrics=tuple(dict.fromkeys([*DEFAULT_METRICS, args.y])))
+        dense = [r["prune/ppl_dense"] for r in rows if "prune/ppl_dense" in r]
+        png = plot(rows, out / "sweep.png", x=args.x, y=args.y, line=args.line, logy=not args.linear,
+                   reference=dense[0] if dense and "ppl" in args.y else None,
+                   title=f"{folder.parent.name}/{folder.name}")
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"collect_sweep: error: {e.args[0] if isinstance(e, KeyError) else e}")
     print(md_path.read_text())
     print(f"wrote {csv_path}, {md_path}, {png}")
     return 0

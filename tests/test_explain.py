@@ -222,6 +222,10 @@ def test_cli_on_a_saved_structured_pruned_shape(tok, tmp_path, capsys):
         main([str(folder), "-p", PROMPT, "--heads", "5", "-o", str(out)])
     with pytest.raises(SystemExit, match=r"--alt-control '<\|style:casual\|>' is not a control token"):
         main([str(folder), "-p", PROMPT, "-c", CONTROL[0], "--alt-control", "<|style:casual|>", "-o", str(out)])
+    with pytest.raises(SystemExit, match=r"slimpajama-explain: error: .*layers \[9\] do not exist"):  # no traceback
+        main([str(folder), "-p", PROMPT, "--layers", "9", "-o", str(out)])
+    with pytest.raises(SystemExit, match="slimpajama-explain: error: .*nowhere"):
+        main([str(folder / "nowhere"), "-p", PROMPT, "-o", str(out)])
 
 
 # ---- the report in a real browser -----------------------------------------------------------------

@@ -94,3 +94,59 @@ def test_pipeline_runs_every_stage_and_writes_the_report(corpus_dir, tmp_path):
         record = wandb_offline_record(wandb_run, (pipeline["wandb_group"].encode(), b"val/loss"))
         assert pipeline["wandb_group"].encode() in record and b"val/loss" in record, stage
     assert "## Control adherence per value (source)" in report
+
+
+def test_a_data_choice_is_not_forwarded_to_finetuning():
+    from slimpajama.lifecycle import user_overrides
+
+    given = ["data=custom", "data.paths=[/corpus]", "trainer=gpu"]
+    assert user_overrides(given, "pretrain") == given
+    assert user_overrides(given, "finetune") == ["data.paths=[/corpus]", "trainer=gpu"]  # it keeps data=tasks
+
+
+def test_a_sigterm_to_the_pipeline_reaches_the_running_stage(tmp_path):
+    """A scheduler's SIGTERM to the pipeline process stops the stage too (it used to run on, orphaned):
+    the stage gets the signal, saves and exits 143, and the pipeline exits with its status."""
+    import signal
+    import time
+
+    stage = (f"import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(tmp_path / 'saved')!r}).touch(), sys.exit(143)))\n"
+             f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+             f"time.sleep(60)\n")
+    driver = ("import os, sys\nfrom slimpajama.lifecycle import run_stage\n"
+              f"sys.exit(run_stage([sys.executable, '-c', {stage!r}], dict(os.environ)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    for _ in range(300):
+        if (tmp_path / "ready").exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert (tmp_path / "saved").exists()
+
+
+def test_ckpt_path_last_finds_the_stage_in_its_own_folder_and_in_pipelines(tmp_path):
+    import os
+
+    from omegaconf import OmegaConf
+
+    from slimpajama.pipeline import resolve_ckpt_path
+
+    logs = tmp_path / "logs"
+    cfg = OmegaConf.create({"ckpt_path": "last", "task_name": "pretrain",
+                            "paths": {"log_dir": str(logs), "output_dir": str(logs / "fixed")}})
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoints/last.ckpt"):
+        resolve_ckpt_path(cfg)
+    made = []
+    for i, folder in enumerate([logs / "pretrain" / "runs" / "a", logs / "pipeline" / "runs" / "t" / "pretrain",
+                                logs / "fixed"]):  # a rerun with the same hydra.run.dir: its own folder
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (1000 + i, 1000 + i))
+        made.append(ckpt)
+        assert resolve_ckpt_path(cfg) == str(ckpt)  # the newest
+    (logs / "pipeline" / "runs" / "u" / "distill" / "checkpoints").mkdir(parents=True)
+    (logs / "pipeline" / "runs" / "u" / "distill" / "checkpoints" / "last.ckpt").write_bytes(b"x")  # another stage
+    assert resolve_ckpt_path(cfg) == str(made[-1])

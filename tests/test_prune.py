@@ -398,8 +398,23 @@ def test_collector_writes_a_table_and_a_plot(tmp_path):
     png = (folder / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert len((folder / "sweep.csv").read_text().splitlines()) == 5
-    with pytest.raises(FileNotFoundError, match="multirun"):
+    with pytest.raises(SystemExit, match="collect_sweep: error: .*multirun"):  # one line, not a traceback
         collect_sweep.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="prune.method='magnitude'.*needs numbers"):
+        collect_sweep.main([str(folder), "--x", "prune.method"])
+    # a method-only sweep: the sparsity each job ran with comes from its config (it was not an override)
+    only = tmp_path / "methods"
+    for n, method in enumerate(["magnitude", "wanda"]):
+        (only / str(n) / ".hydra").mkdir(parents=True)
+        (only / str(n) / ".hydra" / "overrides.yaml").write_text(f"- prune.method={method}\n")
+        (only / str(n) / ".hydra" / "config.yaml").write_text("prune:\n  sparsity: 0.5\n  method: x\n")
+        (only / str(n) / "metrics.json").write_text(json.dumps({"val/ppl": 12.0 + n, "train/loss": 2.5 - n}))
+    assert collect_sweep.main([str(only), "--y", "train/loss"]) == 0
+    md = (only / "sweep.md").read_text()
+    assert "train/loss" in md.splitlines()[0] and "| wanda | 13 | 1.5 |" in md  # y is a column of the table
+    from slimpajama.sweep import collect
+
+    assert [r["prune.sparsity"] for r in collect(only, keys=["prune.sparsity"])] == [0.5, 0.5]
 
 
 @pytest.mark.slow

@@ -116,6 +116,22 @@ def test_resume_continues_with_the_next_unseen_batch_and_the_same_losses(tiny_ov
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+def test_each_run_of_one_process_logs_into_a_wandb_run_of_its_own(tiny_overrides, tmp_path, monkeypatch):
+    """A Hydra multirun (a grid, an Optuna search) calls run() once per job in one process: each job
+    needs its own W&B run (a job used to log into the first one's) and its metrics.json, model or not."""
+    import wandb
+
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_DATA_DIR", "wandb-data")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    overrides = [o for o in tiny_overrides if o != "logger=csv"] + ["logger=wandb", "trainer.max_steps=1",
+                                                                   "save_model=false", "sample.max_new_tokens=0"]
+    outs = [train(overrides + [f"seed={seed}"], tmp_path, run_name=f"job{seed}")[2] for seed in (1, 2)]
+    assert wandb.run is None  # finished with its run
+    for out in outs:
+        assert len(list((out / "wandb").glob("offline-run-*"))) == 1, out
+        assert "val/loss" in json.loads((out / "metrics.json").read_text()) and not (out / "model").exists()
+
+
 def test_ckpt_path_last_without_a_previous_run_is_a_clear_error(tiny_overrides, tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
         train(tiny_overrides + ["ckpt_path=last"], tmp_path)
@@ -264,3 +280,30 @@ def test_optuna_search_runs_trials_and_reports_the_best_val_loss(corpus_dir, tmp
     _, md = write_table(collect(sweep), sweep)
     header, _, *rows = md.read_text().splitlines()
     assert len(rows) == 3 and "stage.module.optimizer.lr" in header and "val/ppl" in header
+
+
+def test_throughput_leaves_validation_time_out_and_keeps_the_batches_before_it(monkeypatch):
+    """10 batches of 64 tokens a second each, with 100 s of validation after the 5th: 64 tokens/s over the
+    window. Restarting the window at validation dropped 5 batches and logged nothing at the window's end
+    (Lightning then wrote the previous window's rate again)."""
+    from types import SimpleNamespace
+
+    from slimpajama import callbacks
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock.now)
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), model=SimpleNamespace(flops_per_token=lambda n: 1000.0),
+                             log=lambda name, value, **kw: logged.append((name, value)))
+    trainer = SimpleNamespace(accumulate_grad_batches=1, world_size=1)
+    monitor = callbacks.ThroughputMonitor(peak_flops=1e6, log_every_n_steps=10)
+    batch = torch.zeros(1, 65, dtype=torch.long)
+    for i in range(10):
+        if i == 5:
+            monitor.on_validation_start(trainer, module)
+            clock.now += 100.0
+            monitor.on_validation_end(trainer, module)
+        monitor.on_train_batch_start(trainer, module, batch, i)
+        clock.now += 1.0
+        monitor.on_train_batch_end(trainer, module, None, batch, i)
+    assert logged == [("train/tokens_per_sec", pytest.approx(64.0)), ("train/mfu", pytest.approx(64 * 1000 / 1e6))]

@@ -36,7 +36,8 @@ class ThroughputMonitor(L.Callback):
     def __init__(self, peak_flops: Optional[float] = None, log_every_n_steps: int = 10):
         self.peak_flops = peak_flops
         self.every = log_every_n_steps
-        self._t0: Optional[float] = None
+        self._t0: Optional[float] = None  # the start of the window, moved on by validation time
+        self._val_t0: Optional[float] = None
         self._tokens = self._batches = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -65,4 +66,11 @@ class ThroughputMonitor(L.Callback):
         self._t0 = None
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._t0 = None  # validation time is not training time
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # validation time is not training time: the window goes on without it (restarting it instead
+        # dropped the batches before validation, and Lightning logged the previous window's rate again)
+        if self._t0 is not None and self._val_t0 is not None:
+            self._t0 += time.perf_counter() - self._val_t0
+        self._val_t0 = None

@@ -1,6 +1,6 @@
 """`slimpajama-generate`: load a saved model, stream a generation to the terminal, or chat.
 
-    slimpajama-generate --prompt "The Congress"                       # newest finished model
+    slimpajama-generate --prompt "The Congress"                       # the furthest stage's newest model
     slimpajama-generate logs/latest/finetune/model --control "<|source:plays|>" --prompt "..." \
         --temperature 0.7 --top-p 0.9 --max-new-tokens 200
     slimpajama-generate slimpajama/finetune --chat --control "<|task:dialogue|>"
@@ -35,7 +35,7 @@ def unescape(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimpajama-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default="slimpajama",
-                   help="a model folder, or a registry name: slimpajama (newest finished model), slimpajama/<stage>")
+                   help="a model folder, or a registry name: slimpajama (the newest finished model of the furthest stage: finetune > prune > distill > pretrain), slimpajama/<stage>")
     p.add_argument("-p", "--prompt", help="the prompt (read from stdin when omitted and not --chat)")
     p.add_argument("-c", "--control", default="", help='a control token such as "<|style:formal|>" or an instruction')
     p.add_argument("--chat", action="store_true", help="interactive chat: one line per turn, empty line or Ctrl-D ends")

@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show why a saved model wrote what it wrote: token probabilities, logit lens, attention "
                     "and control attribution, as an HTML report, PNG heatmaps and a JSON of all numbers.")
     p.add_argument("model", nargs="?", default="slimpajama",
-                   help="a model folder, or a registry name: slimpajama (newest finished model), slimpajama/<stage>")
+                   help="a model folder, or a registry name: slimpajama (the newest finished model of the furthest stage: finetune > prune > distill > pretrain), slimpajama/<stage>")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-c", "--control", default=None, help='a control signal such as "<|style:formal|>"')
     p.add_argument("--alt-control", default=None, help='another control value to compare with ("" : none)')
@@ -743,11 +743,18 @@ def _int_list(text: str, what: str) -> list:
 
 
 def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message alone, no traceback
+        raise SystemExit(f"slimpajama-explain: error: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
     from slimpajama.cli import check_control, checked_template
     from slimpajama.pretrained import SlimPajamaModel
     from slimpajama.tokenizer import SlimPajamaTokenizer
 
-    args = build_parser().parse_args(argv)
     layers = None if args.layers == "all" else [] if args.layers == "none" else _int_list(args.layers, "--layers")
     heads = "mean" if args.heads == "mean" else _int_list(args.heads, "--heads")
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)

@@ -14,6 +14,7 @@ would on its own (`logs/latest/<stage>`). Runs of one pipeline share a W&B group
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,10 +39,25 @@ def logger_choice(cfg: DictConfig) -> str:
     return f"logger=[{','.join(names)}]" if names else "logger=none"
 
 
-def user_overrides(task_overrides) -> list:
+def user_overrides(task_overrides, stage: str = "") -> list:
     """The pipeline's own command-line overrides that every stage also gets (e.g. `trainer=gpu`,
-    `logger.wandb.mode=online`), after the experiment's: the command line wins."""
-    return [o for o in map(str, task_overrides) if not o.lstrip("+~").startswith(_NOT_FORWARDED)]
+    `logger.wandb.mode=online`), after the experiment's: the command line wins. A `data=` choice is
+    the corpus of the language-model stages: fine-tuning keeps its `data=tasks`."""
+    out = [o for o in map(str, task_overrides) if not o.lstrip("+~").startswith(_NOT_FORWARDED)]
+    if stage == "finetune":
+        out = [o for o in out if not o.lstrip("+~").startswith("data=")]
+    return out
+
+
+def run_stage(cmd: list, env: dict) -> int:
+    """Run one stage and return its exit status. A SIGTERM to the pipeline (a scheduler's preemption) goes
+    on to the stage, which saves its last.ckpt and exits 143, instead of leaving it running on its own."""
+    proc = subprocess.Popen(cmd, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stage_command(cfg: DictConfig, stage: str, overrides: list, out: Path, group: str, extra: list = ()) -> list:
@@ -60,7 +76,7 @@ def run_lifecycle(cfg: DictConfig) -> dict:
     from slimpajama.report import write_report
 
     out = Path(cfg.paths.output_dir)
-    extra = user_overrides(HydraConfig.get().overrides.task)
+    given = HydraConfig.get().overrides.task
     group = f"pipeline-{out.name}"
     stages = OmegaConf.to_container(cfg.pipeline.stages, resolve=True)
     unknown = sorted(set(stages) - set(PIPELINE))
@@ -69,15 +85,18 @@ def run_lifecycle(cfg: DictConfig) -> dict:
     runs, timings = {}, {}
     for stage in [s for s in PIPELINE if s in stages]:  # always in the pipeline's order
         overrides = stages[stage]
-        cmd = stage_command(cfg, stage, overrides, out, group, extra)
+        cmd = stage_command(cfg, stage, overrides, out, group, user_overrides(given, stage))
         log.info("pipeline: %s\n  %s", stage, " ".join(cmd))
         start = time.perf_counter()
-        result = subprocess.run(cmd, env={**os.environ, "SLIMPAJAMA_ROOT": str(cfg.paths.root_dir)})
+        returncode = run_stage(cmd, {**os.environ, "SLIMPAJAMA_ROOT": str(cfg.paths.root_dir)})
         timings[stage] = time.perf_counter() - start
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"pipeline stage {stage!r} failed (exit {result.returncode}); its log: {out / stage / (stage + '.log')}"
-            )
+        if returncode == 128 + signal.SIGTERM:
+            log.error("pipeline: stage %r was stopped by SIGTERM and saved %s; resume it with its command above "
+                      "plus ckpt_path=last, then run the later stages", stage, out / stage / "checkpoints" / "last.ckpt")
+            raise SystemExit(returncode)
+        if returncode != 0:
+            raise RuntimeError(f"pipeline stage {stage!r} failed (exit {returncode}); its log: "
+                               f"{out / stage / (stage + '.log')}")
         runs[stage] = out / stage
         log.info("pipeline: %s finished in %.0f s", stage, timings[stage])
     start = time.perf_counter()

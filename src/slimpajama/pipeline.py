@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -38,15 +39,19 @@ def latest_link(cfg: DictConfig, stage: str) -> Path:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
-    """`ckpt_path=last`: the newest `checkpoints/last.ckpt` of any earlier run of this stage."""
+    """`ckpt_path=last`: the newest `checkpoints/last.ckpt` of this stage: in this run's own folder (a rerun
+    with the same `hydra.run.dir`), of its runs, of a pipeline's runs of it, or of its multiruns' jobs."""
     if cfg.ckpt_path != "last":
         if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return cfg.ckpt_path
-    runs = Path(cfg.paths.log_dir) / cfg.task_name
-    candidates = [p for p in runs.glob("**/checkpoints/last.ckpt") if Path(cfg.paths.output_dir) not in p.parents]
+    log_dir, stage = Path(cfg.paths.log_dir), cfg.task_name
+    places = [Path(cfg.paths.output_dir), log_dir / stage, log_dir / "multiruns" / stage]
+    candidates = {p for place in places for p in place.glob("**/checkpoints/last.ckpt")}
+    candidates |= set(log_dir.glob(f"pipeline/runs/*/{stage}/checkpoints/last.ckpt"))
     if not candidates:
-        raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs}")
+        raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {', '.join(map(str, places))} or "
+                                f"{log_dir}/pipeline/runs/*/{stage}")
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
     log.info("resuming from %s", newest)
     return str(newest)
@@ -96,7 +101,7 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     tokenizer = datamodule.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    _write_metrics(out, metrics)
     link = latest_link(cfg, cfg.task_name)
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(link.name + f".tmp-{os.getpid()}")
@@ -127,7 +132,24 @@ def _sample(cfg: DictConfig, model, tokenizer, loggers) -> None:
 
 
 def run(cfg: DictConfig) -> Optional[float]:
-    """Train the configured stage; returns `cfg.optimized_metric` for sweepers."""
+    """Train the configured stage; returns `cfg.optimized_metric` for sweepers. The W&B run ends with it,
+    so each job of a multirun (a grid or an Optuna search, all in one process) logs into a run of its own."""
+    ok = False
+    try:
+        result = _run(cfg)
+        ok = True
+        return result
+    finally:
+        _finish_wandb(ok)
+
+
+def _finish_wandb(ok: bool) -> None:
+    wandb = sys.modules.get("wandb")  # imported only if a W&B logger was made
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=0 if ok else 1)
+
+
+def _run(cfg: DictConfig) -> Optional[float]:
     for name in ("litdata", "litdata.streaming.dataset", "litdata.utilities.format"):
         logging.getLogger(name).setLevel(logging.WARNING)  # chatty INFO on every dataset open
     L.seed_everything(cfg.seed, workers=True)
@@ -176,4 +198,12 @@ def run(cfg: DictConfig) -> Optional[float]:
     if cfg.get("save_model", True):
         model = full_model(trainer, module)  # FSDP: gathered onto rank 0 (every rank takes part)
         _publish(cfg, module, datamodule, metrics, model, trainer.loggers)
+    else:  # no model, but the run's numbers still (a sweep's collector reads them)
+        _write_metrics(Path(cfg.paths.output_dir), metrics)
     return metrics.get(cfg.get("optimized_metric", "val/loss"))
+
+
+@rank_zero_only
+def _write_metrics(out: Path, metrics: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

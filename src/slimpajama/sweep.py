@@ -29,9 +29,10 @@ def _value(text: str):
         return text
 
 
-def collect(folder: str | Path) -> list[dict]:
+def collect(folder: str | Path, keys: Sequence[str] = ()) -> list[dict]:
     """One row per finished job of a multirun folder: its overrides (key -> value) and metrics.
-    Jobs without metrics.json (failed or running) are skipped with a warning."""
+    Jobs without metrics.json (failed or running) are skipped with a warning. `keys`: config keys a
+    job did not override (e.g. `prune.sparsity` at its default) are read from its `.hydra/config.yaml`."""
     folder = Path(folder)
     jobs = sorted((p for p in folder.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name) if folder.is_dir() else []
@@ -48,6 +49,12 @@ def collect(folder: str | Path) -> list[dict]:
             key, _, value = o.partition("=")
             row[key.lstrip("+~")] = _value(value)
         row.update(json.loads((job / "metrics.json").read_text()))
+        unset = [k for k in keys if k not in row and "/" not in k]
+        if unset and (job / ".hydra" / "config.yaml").is_file():
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.load(job / ".hydra" / "config.yaml")
+            row.update({k: v for k in unset if (v := OmegaConf.select(config, k)) is not None})
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"{folder}: none of its {len(jobs)} jobs has a metrics.json")
@@ -97,10 +104,17 @@ def plot(rows: Sequence[dict], path: str | Path, x: str = "prune.sparsity", y: s
     missing = [k for k in (x, y) if not any(k in r for r in rows)]
     if missing:
         raise KeyError(f"no job has {missing}; columns are {sorted({k for r in rows for k in r})}")
+    if line and not any(line in r for r in rows):
+        line = None  # nothing to tell the lines apart by: one line
     groups: dict = {}
     for r in rows:
         if x in r and y in r:
-            groups.setdefault(r.get(line) if line else y, []).append((float(r[x]), float(r[y])))
+            try:
+                point = (float(r[x]), float(r[y]))
+            except (TypeError, ValueError):
+                raise ValueError(f"job {r.get('job')}: {x}={r[x]!r}, {y}={r[y]!r}: the plot needs numbers "
+                                 "(choose --x and --y among the numeric keys)") from None
+            groups.setdefault(r.get(line) if line else y, []).append(point)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
         points.sort()

@@ -61,6 +61,9 @@ class FinetuneModule(FusedOptimizerClipping, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
+        if not hasattr(dm, "tasks"):
+            raise TypeError(f"stage=finetune trains on labeled tasks (data=tasks), not on {type(dm).__name__}: "
+                            "drop the data= override (your own tasks go in data.custom)")
         if dm.seq_len > self.model.config.max_seq_len:
             raise ValueError(f"data.seq_len={dm.seq_len} exceeds the max_seq_len {self.model.config.max_seq_len} "
                              f"of {self.init_dir}")
