@@ -156,11 +156,15 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("slimpajama-generate", run, build_parser().parse_args(argv))
+
+
+def run_command(prog: str, run, args: argparse.Namespace) -> int:
+    """`run(args)`; a user's mistake (a missing folder, a bad setting) is the message alone, no traceback."""
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message alone, no traceback
-        raise SystemExit(f"slimpajama-generate: error: {e}") from e
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{prog}: error: {e}") from e
 
 
 def run(args: argparse.Namespace) -> int:

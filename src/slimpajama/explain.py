@@ -743,11 +743,9 @@ def _int_list(text: str, what: str) -> list:
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message alone, no traceback
-        raise SystemExit(f"slimpajama-explain: error: {e}") from e
+    from slimpajama.cli import run_command
+
+    return run_command("slimpajama-explain", run, build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
