@@ -58,6 +58,9 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tin
     ckpt = torch.load(tmp_path / "logs" / "pretrain" / "runs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2  # saved at step 2, not overwritten by the failing step
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    from slimpajama.checkpointing import MODEL_CONFIG_KEY
+
+    assert ckpt[MODEL_CONFIG_KEY] == ckpt["hyper_parameters"]["model"]  # the trained model's config, for consolidate
 
 
 def test_resumed_run_continues_the_same_wandb_run(tiny_overrides, tmp_path, monkeypatch):

@@ -549,6 +549,54 @@ def test_from_pretrained_refuses_pickles_and_shape_mismatches(tmp_path):
         SlimPajamaModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_reads_foreign_llama_folders_as_transformers_does(tmp_path):
+    """Folders written elsewhere: a key left out means LlamaConfig's default, RoPE scaling (which we do not
+    implement) is refused, old checkpoints' rotary buffers are ignored, a missing k_proj is named, and a
+    tied config with a different head in the file is refused (we would silently drop that head)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    sd = load_file(str(tmp_path / "model.safetensors"))
+
+    def write(config=cfg, weights=sd):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        save_file(weights, str(tmp_path / "model.safetensors"))
+
+    write({k: v for k, v in cfg.items() if k not in ("rms_norm_eps", "pad_token_id")})
+    loaded = SlimPajamaModel.from_pretrained(tmp_path).config
+    assert loaded.norm_eps == 1e-6 and loaded.pad_token_id is None  # LlamaConfig's, not ours (1e-5, 3)
+    for scaling in ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+                    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}):
+        write({**cfg, **scaling})
+        with pytest.raises(ValueError, match="RoPE scaling .* is not supported"):
+            SlimPajamaModel.from_pretrained(tmp_path)
+    write(cfg, {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
+    assert SlimPajamaModel.from_pretrained(tmp_path).config == tiny()
+    write(cfg, {k: v for k, v in sd.items() if k != "model.layers.1.self_attn.k_proj.weight"})
+    with pytest.raises(ValueError, match=r"model.safetensors: missing weights \['model.layers.1.self_attn.k_proj"):
+        SlimPajamaModel.from_pretrained(tmp_path)
+    write({**cfg, "tie_word_embeddings": True}, sd)  # an untied model's head, under a tied config
+    with pytest.raises(ValueError, match="lm_head.weight differs from its embed_tokens.weight"):
+        SlimPajamaModel.from_pretrained(tmp_path)
+
+
+def test_a_failed_save_changes_no_file_of_the_folder(tmp_path, monkeypatch):
+    import slimpajama.pretrained as P
+
+    torch.manual_seed(0)
+    a, b = SlimPajamaModel(tiny()), SlimPajamaModel(tiny(n_layer=1))
+    a.save_pretrained(tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    real = P.config_to_hf
+    monkeypatch.setattr(P, "config_to_hf", lambda *args: {**real(*args), "bad": object()})  # json cannot write it
+    with pytest.raises(TypeError):
+        b.save_pretrained(tmp_path)  # the weights were written first: they must not replace a's
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # and no temporary file is left
+    torch.testing.assert_close(SlimPajamaModel.from_pretrained(tmp_path)(torch.tensor([[5, 6]])), a(torch.tensor([[5, 6]])))
+
+
 def test_from_pretrained_dtype_and_device(tmp_path):
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny())

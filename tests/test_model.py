@@ -328,11 +328,26 @@ def test_too_long_input_is_refused():
     model = SlimPajamaModel(tiny())
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 49, dtype=torch.long))
+    # with explicit positions too (they used to reach the rotary tables: an IndexError)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 49, dtype=torch.long), position_ids=torch.arange(49)[None])
+    with pytest.raises(ValueError, match="position 48 is past model.max_seq_len=48"):
+        model(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[0, 48]]))
 
 
-def test_bad_config_names_the_key():
-    with pytest.raises(ValueError, match="model.n_kv_head"):
-        SlimPajamaConfig(n_head=4, n_kv_head=3, d_model=32)
+@pytest.mark.parametrize("settings, message", [
+    ({"n_head": 4, "n_kv_head": 3, "d_model": 32}, "model.n_kv_head"),
+    ({"n_head": 0}, "model.n_head=0 must be a positive integer"),  # was a ZeroDivisionError
+    ({"n_kv_head": 0}, "model.n_kv_head=0 must be a positive integer"),
+    ({"d_model": "32"}, "model.d_model='32' must be a positive integer"),
+    ({"rope_theta": 0.0}, "model.rope_theta=0.0 must be a positive number"),  # was NaN rotary tables
+    ({"norm_eps": -1e-5}, "model.norm_eps=-1e-05 must be a positive number"),
+    ({"dropout": 2.0}, r"model.dropout=2.0 must lie in \[0, 1\)"),
+    ({"d_model": 36, "n_head": 4}, r"model.head_dim, else model.d_model / model.n_head"),
+])
+def test_bad_config_names_the_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SlimPajamaConfig(**settings)
 
 
 def test_param_count_and_flops():
@@ -374,3 +389,23 @@ def test_linear_cross_entropy_equals_plain_loss_and_gradients(dtype):
     torch.testing.assert_close(out2.to(ref.dtype), ref, **tol)
     torch.testing.assert_close(h.grad, 2 * gh, **tol)
     torch.testing.assert_close(w.grad, 2 * gw, **tol)
+
+
+def test_linear_cross_entropy_without_grad_takes_the_plain_path_and_no_target_counts_zero(monkeypatch):
+    """Validation runs under no_grad with parameters that require grad: the fused path (which computes the
+    gradients in its forward) used to run there, at twice the cost. All targets ignored: 0 on every path."""
+    from slimpajama import losses
+
+    h, w = torch.randn(2, 9, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (2, 9))
+    fused = []
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: fused.append(1) or torch.tensor(0.0))
+    with torch.no_grad():
+        torch.testing.assert_close(losses.linear_cross_entropy(h, w, y), losses.lm_loss(h @ w.t(), y))
+    assert fused == []
+    monkeypatch.undo()
+    ignored = torch.full_like(y, losses.IGNORE_INDEX)
+    assert losses.lm_loss(h @ w.t(), ignored).item() == 0.0  # F.cross_entropy's mean would be NaN
+    assert losses.linear_cross_entropy(h, w, ignored).item() == 0.0
+    with torch.no_grad():
+        assert losses.linear_cross_entropy(h, w, ignored).item() == 0.0

@@ -130,3 +130,15 @@ def test_a_sharded_fsdp_checkpoint_consolidates_into_one_model_folder(tmp_path):
     loaded = SlimPajamaModel.from_pretrained(tmp_path / "model")
     ids = torch.randint(0, 64, (2, 16))
     assert torch.equal(loaded(ids), model(ids))
+    # the trained model's own config (RunIdentity writes it into every checkpoint) wins over the `model`
+    # group's: fine-tuning and pruning have none, and pretraining with init_from has the wrong one
+    from slimpajama.checkpointing import MODEL_CONFIG_KEY
+
+    other = SlimPajamaConfig(**{**config.to_dict(), "rope_theta": 5e5, "norm_eps": 1e-6})
+    torch.save({"global_step": 7, "hyper_parameters": {"model": config.to_dict()}, MODEL_CONFIG_KEY: other.to_dict()},
+               ckpt_dir / "meta.pt")
+    consolidate(str(ckpt_dir), model_dir=str(tmp_path / "model2"))
+    assert SlimPajamaModel.from_pretrained(tmp_path / "model2").config == other
+    torch.save({"global_step": 7, "hyper_parameters": {"init_from": "x"}}, ckpt_dir / "meta.pt")  # a finetune's
+    with pytest.raises(ValueError, match="holds no model config"):
+        consolidate(str(ckpt_dir), model_dir=str(tmp_path / "model3"))

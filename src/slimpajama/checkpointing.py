@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
+MODEL_CONFIG_KEY = "slimpajama_model_config"
 RUN_IDS_KEY = "slimpajama_logger_ids"  # checkpoint key: {"wandb": "<run id>"}
 
 
@@ -116,9 +117,14 @@ class FiniteLossCheck(L.Callback):
 
 
 class RunIdentity(L.Callback):
-    """Writes the loggers' run ids into every checkpoint (`RUN_IDS_KEY`), so a resume continues them."""
+    """Writes the loggers' run ids into every checkpoint (`RUN_IDS_KEY`), so a resume continues them, and
+    the config of the model being trained (`MODEL_CONFIG_KEY`: after pruning or a grown vocabulary it is
+    not the `model` group's), so a checkpoint alone makes a model folder (`slimpajama.fsdp.consolidate`)."""
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        model = getattr(pl_module, "model", None)
+        if hasattr(model, "config"):
+            checkpoint[MODEL_CONFIG_KEY] = model.config.to_dict()
         ids = {}
         for lg in trainer.loggers:
             if type(lg).__name__ == "WandbLogger":

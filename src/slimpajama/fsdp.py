@@ -62,6 +62,7 @@ def consolidate(ckpt_dir: str, output: Optional[str] = None, model_dir: Optional
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
     from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
 
+    from slimpajama.checkpointing import MODEL_CONFIG_KEY
     from slimpajama.model import SlimPajamaConfig
     from slimpajama.pretrained import SlimPajamaModel
 
@@ -73,7 +74,11 @@ def consolidate(ckpt_dir: str, output: Optional[str] = None, model_dir: Optional
     torch.save(checkpoint, out)
     log.info("consolidated %s -> %s", ckpt_dir, out)
     if model_dir:
-        config = SlimPajamaConfig.from_dict(checkpoint["hyper_parameters"]["model"])
+        saved = checkpoint.get(MODEL_CONFIG_KEY) or checkpoint.get("hyper_parameters", {}).get("model")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{ckpt_dir}: the checkpoint holds no model config (checkpoints written before "
+                             f"{MODEL_CONFIG_KEY} only have one for the pretrain and distill stages)")
+        config = SlimPajamaConfig.from_dict(saved)
         _model_from_module_state(SlimPajamaModel, config, checkpoint["state_dict"]).save_pretrained(model_dir)
         log.info("saved the model to %s", model_dir)
     return out

@@ -11,8 +11,11 @@ IGNORE_INDEX = -100
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean next-token cross-entropy over the targets that are not `ignore_index`.
-    logits (B, T, V), targets (B, T); computed in float32 whatever the autocast dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    logits (B, T, V), targets (B, T); computed in float32 whatever the autocast dtype. With no target to
+    count (all `ignore_index`) the loss is 0, as on the fused path, not F.cross_entropy's NaN."""
+    targets = targets.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=ignore_index, reduction="sum")
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def _fused_head(h, weight, targets, chunk_rows: int, ignore_index: int, logit_grad):
@@ -77,8 +80,10 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """`lm_loss(h @ weight.T, targets)` without the full logits. h (B, T, d), weight (V, d), targets (B, T).
 
-    Under autocast, or when nothing needs a gradient, it takes the plain path."""
-    if torch.is_autocast_enabled(h.device.type) or not (h.requires_grad or weight.requires_grad):
+    Under autocast, or when no gradient is computed (no_grad, as in validation, or nothing requires one),
+    it takes the plain path: the fused one computes the gradients in its forward."""
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if torch.is_autocast_enabled(h.device.type) or not grads:
         return lm_loss(h @ weight.t(), targets, ignore_index)
     chunk_rows = max(128, chunk_elements // weight.size(0))
     return _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), chunk_rows, ignore_index)

@@ -39,6 +39,17 @@ class SlimPajamaConfig:
     pad_token_id: Optional[int] = 3
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "intermediate_size", "head_dim",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"model.{name}={value!r} must be a positive number")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout!r} must lie in [0, 1)")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
@@ -50,7 +61,8 @@ class SlimPajamaConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
-            raise ValueError(f"head size {self.head_dim} must be even for rotary embeddings")
+            raise ValueError(f"the head size {self.head_dim} (model.head_dim, else model.d_model / model.n_head) "
+                             "must be even for rotary embeddings")
 
     @property
     def n_query_groups(self) -> int:
@@ -610,8 +622,10 @@ class Transformer(nn.Module):
             mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
         if attention_mask is not None:
             mask = key_padding_mask(attention_mask, mask.size(-1), mask)
-        if position_ids is None and start is None and T > self.cos.size(0):
+        if start is None and T > self.cos.size(0):
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
+        if position_ids is not None and not torch.compiler.is_compiling() and int(position_ids.max()) >= self.cos.size(0):
+            raise ValueError(f"position {int(position_ids.max())} is past model.max_seq_len={self.cos.size(0)}")
         cos, sin = self.rotary(0 if start is None else start, T, position_ids)
 
         x = self.embed_tokens(idx)  # (B, T, d)

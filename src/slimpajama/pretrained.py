@@ -42,6 +42,10 @@ _HF_KEYS = {  # ours -> Llama's config.json
 }
 
 
+# transformers' LlamaConfig defaults where they differ from ours (a foreign config.json may omit a key)
+_LLAMA_DEFAULTS = {"norm_eps": 1e-6, "max_seq_len": 2048, "pad_token_id": None}
+
+
 def config_to_hf(config: SlimPajamaConfig, dtype: torch.dtype = torch.float32) -> dict:
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     hf.update({theirs: getattr(config, ours) for ours, theirs in _HF_KEYS.items()})
@@ -58,8 +62,15 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> SlimPajamaConfig:
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError(f"{source}: only Llama models with silu activations and no biases are supported")
     rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or rope
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"{source}: RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+                         "supported (only unscaled rotary embeddings): its logits would differ from transformers'")
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     kwargs = {ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf}
+    for ours, theirs in _HF_KEYS.items():  # a key the file leaves out means transformers' LlamaConfig default
+        if theirs not in hf and ours in _LLAMA_DEFAULTS:
+            kwargs[ours] = _LLAMA_DEFAULTS[ours]
     kwargs["rope_theta"] = theta
     kwargs["head_dim"] = hf.get("head_dim")  # None: hidden_size / num_attention_heads
     return SlimPajamaConfig(**kwargs)
@@ -86,28 +97,43 @@ def state_dict_to_hf(sd: dict, config: SlimPajamaConfig) -> dict:
 def state_dict_from_hf(sd: dict, config: SlimPajamaConfig) -> dict:
     out = {}
     for name, t in sd.items():
-        if name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
-            continue  # fused with their q_proj / gate_proj below
-        if name.endswith("q_proj.weight"):
-            base = name.removesuffix("q_proj.weight")
-            t = torch.cat([t, sd[base + "k_proj.weight"], sd[base + "v_proj.weight"]])
-            name = base + "qkv.weight"
-        elif name.endswith("gate_proj.weight"):
-            base = name.removesuffix("gate_proj.weight")
-            t = torch.cat([t, sd[base + "up_proj.weight"]])
-            name = base + "gate_up.weight"
+        if name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight", "rotary_emb.inv_freq")):
+            continue  # fused with their q_proj / gate_proj below; the rotary tables are recomputed (as in transformers)
+        parts = {"q_proj.weight": ("k_proj.weight", "v_proj.weight"), "gate_proj.weight": ("up_proj.weight",)}
+        for first, rest in parts.items():
+            if name.endswith(first):
+                base = name.removesuffix(first)
+                missing = [base + r for r in rest if base + r not in sd]
+                if missing:
+                    raise ValueError(f"missing weights {missing}")
+                t = torch.cat([t, *(sd[base + r] for r in rest)])
+                name = base + ("qkv.weight" if first.startswith("q") else "gate_up.weight")
         out[name.removeprefix("model.")] = t
     if "lm_head.weight" not in out:
         if not config.tie_embeddings:
             raise ValueError("the checkpoint has no lm_head.weight and tie_word_embeddings is false")
-        out["lm_head.weight"] = out["embed_tokens.weight"]
+        if "embed_tokens.weight" in out:  # else reported as missing
+            out["lm_head.weight"] = out["embed_tokens.weight"]
+    elif config.tie_embeddings and not torch.equal(out["lm_head.weight"], out.get("embed_tokens.weight", out["lm_head.weight"])):
+        raise ValueError("tie_word_embeddings is true but the checkpoint's lm_head.weight differs from its "
+                         "embed_tokens.weight: set tie_word_embeddings to false in config.json to keep the head")
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+def _write_together(writes: dict) -> None:
+    """{path: write(tmp_path)}: every file written to a temporary name first, then all renamed into place,
+    so a save that fails (a full disk, an interrupt) changes none of them and leaves no temporary file;
+    an overwritten folder never holds one model's weights with another's config."""
+    tmps = {path: path.with_name(path.name + f".tmp-{os.getpid()}") for path in writes}
+    try:
+        for path, write in writes.items():
+            write(tmps[path])
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -133,12 +159,14 @@ class SlimPajamaModel(Transformer):
         directory.mkdir(parents=True, exist_ok=True)
         dtype = self.lm_head.weight.dtype
         sd = state_dict_to_hf({k: v.detach().cpu() for k, v in self.state_dict().items()}, self.config)
-        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
         hf = config_to_hf(self.config, dtype)
-        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
-        _atomic_write(directory / GENERATION_CONFIG_FILE, lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+        _write_together({
+            directory / WEIGHTS_FILE: lambda p: save_file(sd, str(p), metadata={"format": "pt"}),
+            directory / CONFIG_FILE: lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"),
+            directory / GENERATION_CONFIG_FILE: lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"),
+        })
 
     @torch.no_grad()
     def resize_token_embeddings(self, new_num_tokens: int) -> "SlimPajamaModel":
@@ -177,7 +205,7 @@ class SlimPajamaModel(Transformer):
         """Load a saved folder, or a name of the local model index (`slimpajama`, `slimpajama/<stage>`:
         see `slimpajama.registry`). Weights are read from safetensors only (never unpickled); a tensor
         whose shape disagrees with config.json is an error. torch_dtype (or dtype): e.g. "bfloat16",
-        "auto" (as saved); default float32 like transformers. Returns the model in eval mode."""
+        "auto" (as saved); default float32 (transformers 5 defaults to "auto"). Returns the model in eval mode."""
         directory = resolve_model(name_or_path)
         config_path = directory / CONFIG_FILE
         hf_config = json.loads(config_path.read_text())
@@ -196,7 +224,10 @@ class SlimPajamaModel(Transformer):
             hf_sd.update(load_file(str(f)))
         with torch.device("meta"):
             model = cls(config)
-        sd = state_dict_from_hf(hf_sd, config)
+        try:
+            sd = state_dict_from_hf(hf_sd, config)
+        except ValueError as e:
+            raise ValueError(f"{files[0]}: {e}") from None
         expected = model.state_dict()  # every parameter name, tied lm_head included
         missing = sorted(set(expected) - set(sd))
         if missing:
