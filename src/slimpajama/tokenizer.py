@@ -595,6 +595,8 @@ def _to_list(x):
     if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
         return x.tolist()
     if isinstance(x, (list, tuple)):
+        if not x or isinstance(x[0], int):  # a row of ids: copied whole, not walked id by id
+            return list(x)
         return [_to_list(v) for v in x]
     return x
 
