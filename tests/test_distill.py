@@ -113,6 +113,14 @@ def test_chunked_distill_loss_under_autocast_computes_in_float32():
     ref = linear_distill_loss(h.detach(), w.detach(), h_t, w_t, y, kd_ratio=0.5, temperature=2.0)
     assert out.loss.dtype == torch.float32 and out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    # hidden states that come out of autocast in bf16 (a projection's output) meet the float32 head
+    proj = torch.nn.Linear(16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_bf16 = proj(h.detach())
+        assert h_bf16.dtype == torch.bfloat16
+        out = linear_distill_loss(h_bf16, w, h_t.bfloat16(), w_t, y)  # was: "expected m1 and m2 ... same dtype"
+    out.loss.backward()
+    assert torch.isfinite(proj.weight.grad).all()
 
 
 def test_chunked_distill_loss_rejects_bad_settings():

@@ -233,7 +233,9 @@ def linear_distill_loss(
         raise ValueError(f"teacher vocabulary {teacher_weight.size(0)} != student vocabulary {weight.size(0)}")
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio={kd_ratio} must lie in [0, 1]")
-    h2, th2, t2 = h.flatten(0, 1), teacher_h.detach().flatten(0, 1), targets.flatten()
+    # hidden states in their head's dtype: under autocast a bf16 h would meet a float32 weight
+    h2, th2 = h.flatten(0, 1).to(weight.dtype), teacher_h.detach().flatten(0, 1).to(teacher_weight.dtype)
+    t2 = targets.flatten()
     chunk_rows = max(128, chunk_elements // weight.size(0))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         loss, ce, kd = _LinearDistill.apply(
