@@ -350,6 +350,21 @@ def test_the_tokenizer_sample_takes_an_even_share_of_every_source_in_a_shared_fo
     for text in seen["texts"]:
         chars[text.split()[0]] += len(text)
     assert chars == {"alpha": 2000, "beta": 2000}
+    # one file per source in one folder, and a folder whose first file is empty
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for source in ("arxiv", "github", "wiki"):
+        write_jsonl_zst(str(flat / f"{source}.jsonl.zst"), [(f"{source} {i} " + "x" * 90, source) for i in range(100)])
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "000.jsonl").write_text("")
+    write_jsonl_zst(str(tmp_path / "books" / "001.jsonl.zst"), [(f"books {i} " + "y" * 90, "books") for i in range(100)])
+    corpus = text_corpus([flat, tmp_path / "books"], tokenizer_sample_chars=4000)
+    with pytest.raises(InterruptedError):
+        corpus._train_tokenizer(corpus.files())
+    chars = Counter()
+    for text in seen["texts"]:
+        chars[text.split()[0]] += len(text)
+    assert chars == {"arxiv": 1000, "github": 1000, "wiki": 1000, "books": 1000}
 
 
 @pytest.mark.slow

@@ -138,15 +138,19 @@ def test_ckpt_path_last_finds_the_stage_in_its_own_folder_and_in_pipelines(tmp_p
                             "paths": {"log_dir": str(logs), "output_dir": str(logs / "fixed")}})
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoints/last.ckpt"):
         resolve_ckpt_path(cfg)
-    made = []
-    for i, folder in enumerate([logs / "pretrain" / "runs" / "a", logs / "pipeline" / "runs" / "t" / "pretrain",
-                                logs / "fixed"]):  # a rerun with the same hydra.run.dir: its own folder
+    def checkpoint(folder, mtime):
         ckpt = folder / "checkpoints" / "last.ckpt"
         ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(b"x")
-        os.utime(ckpt, (1000 + i, 1000 + i))
-        made.append(ckpt)
-        assert resolve_ckpt_path(cfg) == str(ckpt)  # the newest
-    (logs / "pipeline" / "runs" / "u" / "distill" / "checkpoints").mkdir(parents=True)
-    (logs / "pipeline" / "runs" / "u" / "distill" / "checkpoints" / "last.ckpt").write_bytes(b"x")  # another stage
-    assert resolve_ckpt_path(cfg) == str(made[-1])
+        os.utime(ckpt, (mtime, mtime))
+        return str(ckpt)
+
+    first = checkpoint(logs / "pretrain" / "runs" / "a", 1000)
+    assert resolve_ckpt_path(cfg) == first
+    newest = checkpoint(logs / "pipeline" / "runs" / "t" / "pretrain", 1001)
+    assert resolve_ckpt_path(cfg) == newest
+    checkpoint(logs / "pipeline" / "runs" / "u" / "distill", 1005)  # another stage
+    checkpoint(logs / "multiruns" / "pretrain" / "t" / "0", 1006)  # a sweep's job: never another job's start
+    assert resolve_ckpt_path(cfg) == newest
+    own = checkpoint(logs / "fixed", 900)  # a rerun with the same hydra.run.dir continues itself, newer runs or not
+    assert resolve_ckpt_path(cfg) == own

@@ -184,6 +184,9 @@ def test_bad_input_errors_naming_file_and_line_or_is_skipped_and_counted(tmp_pat
     with pytest.raises(CorpusError, match="is inside the input"):  # it would be read back as input later
         prep().run([str(tmp_path / "in")], str(tmp_path / "in" / "prepared"))
     assert not (tmp_path / "in" / "prepared").exists()
+    # a glob that does not recurse never reads the folder back: allowed
+    stats = prep(on_bad_record="skip").run([str(tmp_path / "in" / "web" / "*.jsonl")], str(tmp_path / "in" / "web-clean"))
+    assert stats.sources["web"].kept >= 1 and list((tmp_path / "in" / "web-clean").rglob("*.jsonl.zst"))
     with pytest.raises(ValueError, match="prepare.ngram_unit"):
         prep(ngram_unit="token")
     with pytest.raises(ValueError, match="prepare.bands"):

@@ -412,9 +412,12 @@ def test_pad_matches_transformers_and_its_collators_take_it(tok, hf):
     assert list(no_mask) == ["input_ids"] and no_mask.input_ids == hf.pad(hf_rows)["input_ids"]
     batch = tok([f"{CONTROL[1]}the river", "a"], padding=True)  # a dict of rows, masks kept and padded
     assert _plain(tok.pad(batch, pad_to_multiple_of=8)) == _plain(hf.pad(dict(batch), pad_to_multiple_of=8))
-    one = {"input_ids": torch.tensor([1, 276, 352])}  # one row, as a tensor
-    assert _plain(tok.pad(one, padding="max_length", max_length=5)) == {"input_ids": [1, 276, 352, 3, 3],
-                                                                        "attention_mask": [1, 1, 1, 0, 0]}
+    one = {"input_ids": torch.tensor([1, 276, 352])}  # one row, as a tensor: a tensor comes back, as in transformers
+    padded = tok.pad(one, padding="max_length", max_length=5)
+    assert isinstance(padded.input_ids, torch.Tensor) and type(hf.pad(one)["input_ids"]) is torch.Tensor
+    assert _plain(padded) == {"input_ids": [1, 276, 352, 3, 3], "attention_mask": [1, 1, 1, 0, 0]}
+    tensor_rows = [{"input_ids": torch.tensor(r["input_ids"])} for r in rows]
+    assert _plain(tok.pad(tensor_rows)) == _plain(hf.pad(tensor_rows))
     # transformers' collators call tokenizer.pad: same batches with ours as with its own
     examples = [{"input_ids": r["input_ids"]} for r in rows]
     for make in (lambda t: transformers.DataCollatorForLanguageModeling(t, mlm=False, pad_to_multiple_of=8),

@@ -48,7 +48,7 @@ class SlimPajamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"model.{name}={value!r} must be a positive number")
-        if not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout!r} must lie in [0, 1)")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -622,7 +622,7 @@ class Transformer(nn.Module):
             mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
         if attention_mask is not None:
             mask = key_padding_mask(attention_mask, mask.size(-1), mask)
-        if start is None and T > self.cos.size(0):
+        if position_ids is None and start is None and T > self.cos.size(0):  # packed rows bring their positions
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
         if position_ids is not None and not torch.compiler.is_compiling() and int(position_ids.max()) >= self.cos.size(0):
             raise ValueError(f"position {int(position_ids.max())} is past model.max_seq_len={self.cos.size(0)}")

@@ -39,19 +39,22 @@ def latest_link(cfg: DictConfig, stage: str) -> Path:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
-    """`ckpt_path=last`: the newest `checkpoints/last.ckpt` of this stage: in this run's own folder (a rerun
-    with the same `hydra.run.dir`), of its runs, of a pipeline's runs of it, or of its multiruns' jobs."""
+    """`ckpt_path=last`: this run's own `checkpoints/last.ckpt` (a rerun with the same `hydra.run.dir`), else
+    the newest one of the stage's runs and of a pipeline's runs of it (never a multirun's sibling job)."""
     if cfg.ckpt_path != "last":
         if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return cfg.ckpt_path
     log_dir, stage = Path(cfg.paths.log_dir), cfg.task_name
-    places = [Path(cfg.paths.output_dir), log_dir / stage, log_dir / "multiruns" / stage]
-    candidates = {p for place in places for p in place.glob("**/checkpoints/last.ckpt")}
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if own.is_file():  # a rerun with the same hydra.run.dir continues itself, whatever ran since
+        log.info("resuming from %s", own)
+        return str(own)
+    candidates = set((log_dir / stage).glob("**/checkpoints/last.ckpt"))
     candidates |= set(log_dir.glob(f"pipeline/runs/*/{stage}/checkpoints/last.ckpt"))
     if not candidates:
-        raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {', '.join(map(str, places))} or "
-                                f"{log_dir}/pipeline/runs/*/{stage}")
+        raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt in {own.parent.parent}, under "
+                                f"{log_dir / stage} or in {log_dir}/pipeline/runs/*/{stage}")
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
     log.info("resuming from %s", newest)
     return str(newest)

@@ -366,8 +366,15 @@ class SlimPajamaTokenizer:
         `padding_side` (default the tokenizer's) with `pad_token_id`, and the mask is 0 there; an existing
         mask is kept and padded, a missing one made (return_attention_mask=False: none is returned, where
         transformers returns a given mask unpadded). Other
-        keys, such as `labels`, are returned as they are, as in transformers: pad them yourself."""
+        keys, such as `labels`, are returned as they are, as in transformers: pad them yourself. Without
+        return_tensors, rows given as tensors (arrays) come back as tensors (arrays), as in transformers."""
         _check_pad_options(padding, max_length, pad_to_multiple_of, padding_side, return_tensors)
+        if return_tensors is None:  # as transformers: rows given as tensors (or arrays) come back as such
+            rows = encoded_inputs.get("input_ids") if isinstance(encoded_inputs, Mapping) else (
+                encoded_inputs[0].get("input_ids") if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs
+                and isinstance(encoded_inputs[0], Mapping) else None)
+            first = rows[0] if isinstance(rows, (list, tuple)) and rows else rows
+            return_tensors = "pt" if isinstance(first, torch.Tensor) else "np" if isinstance(first, np.ndarray) else None
         if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
             keys = list(encoded_inputs[0])
             for n, row in enumerate(encoded_inputs):

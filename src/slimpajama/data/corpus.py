@@ -14,6 +14,7 @@ store (`s3://...`), which is why LitGPT and TinyLlama use it for SlimPajama.
 import concurrent.futures as cf
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -211,10 +212,14 @@ class TextCorpus(_Corpus):
         on_bad_record: str = "error",
         num_proc: Optional[int] = None,
         build: Optional[Callable[[], object]] = None,
+        tokenizer_sample_bytes: Optional[int] = None,
     ):
         """paths: files, folders, globs. tokenizer_path: a saved tokenizer (e.g. a pretrained model's
         folder) instead of training one. build: called first when the paths do not exist yet (the
         demo corpus builder)."""
+        if tokenizer_sample_bytes is not None:  # its old name: it always counted characters
+            log.warning("TextCorpus(tokenizer_sample_bytes=) is now tokenizer_sample_chars (it counts characters)")
+            tokenizer_sample_chars = tokenizer_sample_bytes
         if isinstance(paths, str):
             paths = [paths]
         if not paths:
@@ -253,25 +258,33 @@ class TextCorpus(_Corpus):
         A document's source is its record's (`meta.redpajama_set_name`), so this holds for a folder per
         source and for SlimPajama's own layout (chunk folders whose files mix every source) alike. The
         folders are read in turn, each until every source met in it has its share (the share shrinks as
-        sources appear; each source keeps its first documents up to the final share). Reading stops at the
-        end of a file, so a folder of one source is read about as far as its share, and the sample is the
-        same as a folder-by-folder one."""
+        sources appear; each source keeps its first documents up to the final share). Once every source
+        met in a folder has its share, a file whose first document is of a full source is passed over:
+        a folder of one source is read about as far as its share (the sample is the same as a
+        folder-by-folder one), and a folder of one file per source reaches every file."""
         by_folder: dict[str, list[str]] = defaultdict(list)
         for f in files:
             by_folder[str(Path(f).parent)].append(f)
         texts: dict[str, list[str]] = defaultdict(list)  # source -> its documents, in file order
         chars: dict[str, int] = defaultdict(int)
+        def full(source: str) -> bool:
+            return chars.get(source, 0) >= self.sample_chars // max(1, len(chars.keys() | {source}))
+
         for group in by_folder.values():
             met: set[str] = set()
             for f in group:  # whole files: a file may hold one source's documents, then another's
-                for doc in read_file(f, on_bad_record=self.on_bad_record):
+                docs = read_file(f, on_bad_record=self.on_bad_record)
+                if met and all(map(full, met)):  # the folder's sources so far have their shares: a file
+                    first = next(docs, None)  # whose first document is of a full source is passed over
+                    if first is None or full(first.source):
+                        continue
+                    docs = itertools.chain([first], docs)
+                for doc in docs:
                     met.add(doc.source)
                     share = self.sample_chars // len(chars.keys() | {doc.source})
                     if not is_val(doc.text, self.val_fraction) and chars[doc.source] < share:
                         texts[doc.source].append(doc.text[: share - chars[doc.source]])
                         chars[doc.source] += len(texts[doc.source][-1])
-                if all(chars[s] >= self.sample_chars // len(chars) for s in met):
-                    break
         share = self.sample_chars // max(1, len(texts))
         sample = [t for docs in texts.values() for t in _first_chars(docs, share)]
         if not sample:

@@ -415,9 +415,9 @@ class CorpusPreparer:
         inside = [f for f in files if f == output or f.startswith(output + os.sep)]
         if inside:
             raise CorpusError(f"output={output} holds input files ({inside[0]}, ...): choose another output folder")
-        for i in inputs:  # a folder or glob would read the output back as input on the next run
-            folder = _input_root(i)
-            if not os.path.isfile(os.path.expanduser(i)) and (output == folder or output.startswith(folder + os.sep)):
+        for i in inputs:  # a folder (or a ** glob) would read the output back as input on the next run
+            folder, walked = _input_root(i), os.path.isdir(os.path.expanduser(i)) or "**" in i
+            if walked and (output == folder or output.startswith(folder + os.sep)):
                 raise CorpusError(f"output={output} is inside the input {i}: a later run, or data.paths={i}, would "
                                   "read the prepared copy as input too. Choose an output folder outside it")
         root = os.path.commonpath([_input_root(i) for i in inputs])
