@@ -369,23 +369,21 @@ class SlimPajamaTokenizer:
         keys, such as `labels`, are returned as they are, as in transformers: pad them yourself. Without
         return_tensors, rows given as tensors (arrays) come back as tensors (arrays), as in transformers."""
         _check_pad_options(padding, max_length, pad_to_multiple_of, padding_side, return_tensors)
-        if return_tensors is None:  # as transformers: rows given as tensors (or arrays) come back as such
-            rows = encoded_inputs.get("input_ids") if isinstance(encoded_inputs, Mapping) else (
-                encoded_inputs[0].get("input_ids") if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs
-                and isinstance(encoded_inputs[0], Mapping) else None)
-            first = rows[0] if isinstance(rows, (list, tuple)) and rows else rows
-            return_tensors = "pt" if isinstance(first, torch.Tensor) else "np" if isinstance(first, np.ndarray) else None
         if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
             keys = list(encoded_inputs[0])
             for n, row in enumerate(encoded_inputs):
                 if not isinstance(row, Mapping) or set(row) != set(keys):
                     raise ValueError(f"pad: row {n} has keys {sorted(row) if isinstance(row, Mapping) else row!r}, "
                                      f"row 0 has {sorted(keys)}: every row needs the same keys")
-            encoded_inputs = {k: [_to_list(row[k]) for row in encoded_inputs] for k in keys}
+            encoded_inputs = {k: [row[k] for row in encoded_inputs] for k in keys}
         if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
             raise ValueError("pad takes a dict of input_ids (and attention_mask), or a list of such dicts; got "
                              f"{type(encoded_inputs).__name__}"
                              + (f" with keys {sorted(encoded_inputs)}" if isinstance(encoded_inputs, Mapping) else ""))
+        if return_tensors is None:  # as transformers: rows given as tensors (or arrays) come back as such
+            ids = encoded_inputs["input_ids"]
+            first = ids[0] if isinstance(ids, (list, tuple)) and len(ids) else ids
+            return_tensors = "pt" if isinstance(first, torch.Tensor) else "np" if isinstance(first, np.ndarray) else None
         out = {k: _to_list(v) for k, v in encoded_inputs.items()}
         single = not out["input_ids"] or not isinstance(out["input_ids"][0], list)
         rows = [out["input_ids"]] if single else out["input_ids"]

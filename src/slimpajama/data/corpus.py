@@ -267,23 +267,22 @@ class TextCorpus(_Corpus):
             by_folder[str(Path(f).parent)].append(f)
         texts: dict[str, list[str]] = defaultdict(list)  # source -> its documents, in file order
         chars: dict[str, int] = defaultdict(int)
-        def full(source: str) -> bool:
-            return chars.get(source, 0) >= self.sample_chars // max(1, len(chars.keys() | {source}))
+        def room(source: str) -> int:  # what the source may still take of its share, as the sources met so far split it
+            return self.sample_chars // len(chars.keys() | {source}) - chars[source]
 
         for group in by_folder.values():
             met: set[str] = set()
             for f in group:  # whole files: a file may hold one source's documents, then another's
                 docs = read_file(f, on_bad_record=self.on_bad_record)
-                if met and all(map(full, met)):  # the folder's sources so far have their shares: a file
-                    first = next(docs, None)  # whose first document is of a full source is passed over
-                    if first is None or full(first.source):
+                if met and all(room(s) <= 0 for s in met):  # the folder's sources so far have their shares:
+                    first = next(docs, None)  # a file whose first document is of a full source is passed over
+                    if first is None or room(first.source) <= 0:
                         continue
                     docs = itertools.chain([first], docs)
                 for doc in docs:
                     met.add(doc.source)
-                    share = self.sample_chars // len(chars.keys() | {doc.source})
-                    if not is_val(doc.text, self.val_fraction) and chars[doc.source] < share:
-                        texts[doc.source].append(doc.text[: share - chars[doc.source]])
+                    if not is_val(doc.text, self.val_fraction) and (n := room(doc.source)) > 0:
+                        texts[doc.source].append(doc.text[:n])
                         chars[doc.source] += len(texts[doc.source][-1])
         share = self.sample_chars // max(1, len(texts))
         sample = [t for docs in texts.values() for t in _first_chars(docs, share)]
