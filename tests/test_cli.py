@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
-from slimpajama.cli import build_parser, chat, generation_kwargs, main
+from slimpajama.cli import build_parser, chat, complete, generation_kwargs, main
 
 from conftest import CONTROL, VOCAB
 
@@ -97,12 +97,44 @@ def test_chat_keeps_the_conversation(folder, tok):
     (["--prompt", "x", "--dtype", "float99"], "torch_dtype='float99' is not a torch dtype"),
     (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["--chat", "--max-new-tokens", "127"], "leaves no room for the conversation"),
+    (["--chat", "--max-length", "20"], "--chat takes --max-new-tokens"),
+    (["--prompt", "x", "--device", "bogus"], "--device 'bogus'"),
 ])
 def test_a_users_mistake_is_one_line_without_a_traceback(folder, argv, match):
     with pytest.raises(SystemExit, match="slimpajama-generate: error: .*" + match):
         main([str(folder), *argv])
     with pytest.raises(SystemExit, match="slimpajama-generate: error: .*not a model folder"):
         main([str(folder / "missing"), "--prompt", "x"])
+
+
+def test_greedy_and_do_sample_together_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m", "--greedy", "--do-sample"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_reply_that_stops_at_a_newline_ends_its_line_once(folder, tok):
+    """The chat's "\n" stop string ends the streamed reply's line: no blank line before the next prompt."""
+    model = SlimPajamaModel.from_pretrained(folder)
+    args = build_parser().parse_args([str(folder), "--chat", "--greedy", "--max-new-tokens", "6"])
+    original = model.generate
+
+    def replies_with_a_line(ids, streamer=None, **kw):  # the model "says" ab and a newline, then stops
+        new = torch.tensor([tok.encode("ab\n", add_special_tokens=False)])
+        out = torch.cat([ids, new], 1)
+        streamer.put(ids), streamer.put(new), streamer.end()
+        return out
+
+    model.generate = replies_with_a_line
+    out = io.StringIO()
+    chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO("hello\n\n"), out=out)
+    assert out.getvalue() == "> ab\n> "
+    for stream in (True, False):  # and a reply without its newline gets one, streamed or not
+        model.generate = original
+        out = io.StringIO()
+        texts = complete(model, tok, "the river", {"max_new_tokens": 3, "do_sample": False, "eos_token_id": -1},
+                         stream=stream, out=out)
+        assert out.getvalue() == texts[0] + ("" if texts[0].endswith("\n") else "\n")
 
 
 def test_chat_cuts_a_long_conversation_on_whole_characters_within_the_window(folder, tok):

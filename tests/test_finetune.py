@@ -287,6 +287,23 @@ def test_guidance_scale_matches_the_formula_and_one_is_plain():
     assert torch.equal(two, seq.repeat(2, 1))
 
 
+def test_guidance_with_a_negative_prompt_longer_than_the_prompt_matches_transformers(tmp_path, monkeypatch):
+    """The batch is padded to the longer negative prompt; the rows returned are the prompt's own, and
+    max_length still counts the prompt alone."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = SlimPajamaModel(SlimPajamaConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32)).eval()
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    cond, uncond = torch.tensor([[1, 5, 9]]), torch.tensor([[1] + list(range(10, 26))])
+    settings = dict(do_sample=False, guidance_scale=3.0, negative_prompt_ids=uncond, eos_token_id=-1)
+    ours = model.generate(cond, max_new_tokens=10, **settings)
+    theirs = hf.generate(cond, max_new_tokens=10, pad_token_id=3, **{**settings, "eos_token_id": None})
+    assert ours.shape == (1, 13) and torch.equal(ours, theirs)
+    assert torch.equal(model.generate(cond, max_length=13, **settings), ours)
+
+
 # ---- the stage end to end ---------------------------------------------------------------------------
 @pytest.fixture
 def init_model(tok, tmp_path) -> Path:

@@ -45,7 +45,8 @@ def test_returns_prompt_plus_new_ids_and_max_length_counts_the_prompt(model, cap
     assert out.shape == (1, 12) and torch.equal(out[:, :7], ids)
     assert model.generate(ids, max_length=10, do_sample=False, eos_token_id=-1).shape == (1, 10)
     assert model.generate(ids, max_length=10, max_new_tokens=3, eos_token_id=-1).shape == (1, 10)  # max_new_tokens wins
-    assert not caplog.records
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["generate"]  # and says so, as transformers does
+    caplog.clear()
     assert greedy(model, ids, n=500).shape == (1, 96)  # capped at max_seq_len, and said so
     assert "500 new tokens asked for after a 7-token prompt, but the model's max_seq_len is 96: at most 89" in caplog.text
     caplog.clear()
@@ -298,6 +299,52 @@ def test_unknown_arguments_and_impossible_settings_are_errors(model):
             model.generate(ids, **{"max_new_tokens": 3, **kwargs})
 
 
+def test_generate_checks_its_mask_and_pad_and_warns_when_both_lengths_are_set(model, caplog):
+    ids = torch.randint(4, VOCAB, (7,))
+    assert torch.equal(greedy(model, ids, n=3, attention_mask=torch.ones(7, dtype=torch.long)), greedy(model, ids[None], n=3))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 6\) for input_ids of \(1, 7\)"):
+        greedy(model, ids, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"attention_mask rows \[1\] are all padding"):
+        greedy(model, ids.repeat(2, 1), attention_mask=mask)
+    with pytest.raises(ValueError, match=f"pad_token_id=-1 is outside the model's vocabulary of {VOCAB}"):
+        greedy(model, ids, pad_token_id=-1)
+    with caplog.at_level("WARNING", logger="slimpajama.generation"):
+        out = model.generate(ids, max_new_tokens=3, max_length=20, do_sample=False)
+    assert out.shape[1] <= 10 and "both max_new_tokens=3 and max_length=20 are set" in caplog.text
+
+
+def test_sampling_keeps_transformers_default_top_k_of_50_unless_top_k_is_set(model, tmp_path):
+    ids = torch.randint(4, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    top50 = set(model(ids)[0, -1].topk(50).indices.tolist())
+
+    def drawn(m, **kw):
+        return set(m.generate(ids.repeat(3000, 1), max_new_tokens=1, seed=0, eos_token_id=-1, **kw)[:, -1].tolist())
+
+    for kw in ({"do_sample": True}, {"temperature": 1.0}, {"do_sample": True, "top_k": None}):
+        assert drawn(model, **kw) <= top50, kw
+    assert len(drawn(model, do_sample=True, top_k=0)) > 50  # 0: the whole vocabulary
+    model.save_pretrained(tmp_path, generation_config={"top_k": 0})  # the file's setting wins over the default
+    assert len(drawn(SlimPajamaModel.from_pretrained(tmp_path), do_sample=True)) > 50
+
+
+def test_a_model_without_a_pad_id_pads_finished_rows_with_an_end_id_inside_the_vocabulary():
+    """pad_token_id None falls back to the first end id, as in transformers, but never to -1 (the
+    "no end" value), which would be fed back to the embedding once a row finishes."""
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(pad_token_id=None)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, VOCAB, (1, 5), generator=g) for _ in range(20)]
+    alone = [greedy(model, p, n=6)[0, 5:].tolist() for p in prompts]
+    # a pair where the first row's first new token never comes in the second row
+    i, j = next((i, j) for i in range(20) for j in range(20) if alone[i][0] not in alone[j])
+    end = alone[i][0]
+    out = model.generate(torch.cat([prompts[i], prompts[j]]), max_new_tokens=6, do_sample=False, eos_token_id=[-1, end])
+    assert out[0, 5:].tolist() == [end] * 6  # finished at once, then padded with the end id
+    assert out[1, 5:].tolist() == alone[j]
+
+
 def test_repetition_penalty_matches_hand_computation():
     scores = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     out = repetition_penalty_(scores.clone(), torch.tensor([[0, 1, 1]]), 2.0)
@@ -353,7 +400,9 @@ def test_top_k_sampling_draws_from_the_warped_top_k_distribution():
 
 
 def test_the_decode_kernel_is_raced_once_per_shape_and_batch_size_and_the_kernels_decode_alike(monkeypatch):
-    import time
+    """The race on a simulated clock: a slowed kernel's products advance it, nothing else does, so the
+    outcome does not depend on the load of the machine running the test."""
+    import types
 
     import torch.nn.functional as F
 
@@ -362,6 +411,8 @@ def test_the_decode_kernel_is_raced_once_per_shape_and_batch_size_and_the_kernel
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # blocks of 2, whatever the machine has
     monkeypatch.setattr(generation, "_decode_kernels", {})
+    now = [0.0]
+    monkeypatch.setattr(generation, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny()).eval()
     shapes = tuple(tuple(m.weight.shape) for m in model.modules() if isinstance(m, M.Linear))
@@ -372,29 +423,33 @@ def test_the_decode_kernel_is_raced_once_per_shape_and_batch_size_and_the_kernel
 
     slow_calls = []
 
-    def slowed(fn, seconds=2e-4):
-        return lambda *a, **k: slow_calls.append(1) or time.sleep(seconds) or fn(*a, **k)
+    def slowed(fn, seconds):
+        def call(*a, **k):
+            slow_calls.append(1)
+            now[0] += seconds
+            return fn(*a, **k)
+        return call
 
     row_block_linear, linear = M.row_block_linear, F.linear
-    monkeypatch.setattr(M, "row_block_linear", slowed(row_block_linear))  # 8 of the 9 products slowed
+    monkeypatch.setattr(M, "row_block_linear", slowed(row_block_linear, 2e-4))  # a blocks step's 9 products slowed
     greedy(model, ids, n=5)
     race = len(steps) - 4  # then the call's 4 steps
-    turns = race // 8  # of 8 steps, blocks first: 10, or from 4 on until the race's 0.25 s are spent
-    assert race == 8 * turns and 4 <= turns <= 10
+    assert race == 8 * 10  # 10 turns of 8 steps: the blocks' 5 turns take 72 ms, within the race's 0.25 s
     assert generation._decode_kernels == {(shapes, 2, 2): "gemm"}
-    assert len(slow_calls) == 8 * ((turns + 1) // 2) * 9  # the blocks turns' products: the call took F.linear
+    assert len(slow_calls) == 8 * 5 * 9  # the blocks turns' products; the call's own steps took F.linear
     steps.clear()
     out = greedy(model, ids, n=12)
     assert len(steps) == 11  # not raced again
     greedy(model, ids[:1], n=5)  # a new batch size is
-    assert len(steps) - 11 - 4 >= 8 * 4 and generation._decode_kernels[(shapes, 1, 2)] == "gemm"
+    assert len(steps) - 11 - 4 == 8 * 10 and generation._decode_kernels[(shapes, 1, 2)] == "gemm"
 
     generation._decode_kernels.clear()
     monkeypatch.setattr(M, "row_block_linear", row_block_linear)
-    # gemm: 9 products slowed; blocks: the head (97 rows). 5 ms each: a margin no load on the machine
-    # makes up (the threads of the row blocks are slower on busy cores)
-    monkeypatch.setattr(F, "linear", slowed(linear, 5e-3))
+    monkeypatch.setattr(F, "linear", slowed(linear, 5e-3))  # gemm: a step's 9 products slowed; blocks take none
+    slow_calls.clear()
     assert fastest_decode_kernel(model, 2) == "blocks"
+    # gemm steps cost 45 ms: after 2 turns of each kernel the race's 0.25 s are spent
+    assert len(slow_calls) == 2 * 8 * 9
     assert torch.equal(greedy(model, ids, n=12), out)
     assert torch.equal(greedy(model, ids, n=12, decode_kernel="gemm"), out)
     with pytest.raises(ValueError, match="decoding kernel must be one of .*'fast'"):
@@ -605,6 +660,10 @@ def test_from_pretrained_dtype_and_device(tmp_path):
     assert bf16.lm_head.weight.dtype == torch.bfloat16 and bf16.lm_head.weight.device.type == "cpu"
     assert SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto").lm_head.weight.dtype == torch.float32
     assert SlimPajamaModel.from_pretrained(tmp_path, dtype=torch.float64).lm_head.weight.dtype == torch.float64
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("torch_dtype")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # as transformers 5 saves it
+    assert SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto").lm_head.weight.dtype == torch.bfloat16
     ids = torch.randint(4, VOCAB, (1, 6))
     assert greedy(bf16, ids, n=5).shape == (1, 11)
 
@@ -651,7 +710,7 @@ def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, 
                                pad_token_id=3)
         mine = ours.generate(ids, max_new_tokens=40, min_new_tokens=n, do_sample=False, eos_token_id=eos)
         assert torch.equal(mine, expected), n
-    for penalty in (0.8, 1.3):  # transformers leaves the left padding out of the penalty, as we do
+    for penalty in (0.8, 1.3):  # transformers also penalises the pad id (we leave padding out): equal unless pad wins
         expected = hf.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=3,
                                repetition_penalty=penalty)
         mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16,

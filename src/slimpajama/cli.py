@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
     g.add_argument("--min-new-tokens", type=int, default=None, help="new tokens before the end token may come")
-    g.add_argument("--greedy", action="store_true", help="do_sample=False")
-    g.add_argument("--do-sample", action="store_true", help="sample with the model's defaults")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="do_sample=False")
+    mode.add_argument("--do-sample", action="store_true", help="sample with the model's defaults")
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -116,10 +117,11 @@ def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stre
         streamer = TextStreamer(tokenizer, skip_prompt=True, on_text=lambda t: (out.write(t), out.flush()))
     output = model.generate(ids, tokenizer=tokenizer, streamer=streamer, **kwargs)
     texts = [tokenizer.decode(row[ids.size(1):], skip_special_tokens=True) for row in output]
+    # each text ends its line, once: a reply stopped at "\n" has ended it already
     if streamer is None:
         for i, text in enumerate(texts):
-            out.write((f"--- {i + 1} ---\n" if len(texts) > 1 else "") + text + "\n")
-    else:
+            out.write((f"--- {i + 1} ---\n" if len(texts) > 1 else "") + text + ("" if text.endswith("\n") else "\n"))
+    elif not texts[0].endswith("\n"):
         out.write("\n")
     return texts
 
@@ -128,6 +130,8 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
     """Turns are `template` (control + the user's line) followed by the model's reply; a reply ends at a
     newline or EOS. The conversation is cut from the left to leave room for the reply."""
     inp, out = inp or sys.stdin, out or sys.stdout
+    if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+        raise ValueError("--chat takes --max-new-tokens, the length of a reply, not --max-length")
     kwargs = {"max_new_tokens": 64, **kwargs, "num_return_sequences": 1}
     kwargs["stop_strings"] = list(kwargs.get("stop_strings") or []) + ["\n"]
     history = ""
@@ -167,7 +171,17 @@ def run_command(prog: str, run, args: argparse.Namespace) -> int:
         raise SystemExit(f"{prog}: error: {e}") from e
 
 
+def checked_device(name: str) -> str:
+    """`name` if torch can place a tensor there, else a ValueError naming --device."""
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:  # a CPU-only build asserts for "cuda"
+        raise ValueError(f"--device {name!r}: {e}") from None
+    return name
+
+
 def run(args: argparse.Namespace) -> int:
+    checked_device(args.device)
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     check_control(tokenizer, args.model, "--control", args.control)
     model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)

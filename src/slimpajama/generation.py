@@ -66,7 +66,8 @@ def repetition_penalty_(
 ) -> torch.Tensor:
     """CTRL's penalty, as in HF: a seen token's logit is divided by `penalty` if positive, multiplied
     if negative. seen: (B, L) ids already in each sequence (prompt included); valid: (B, L), False at
-    left padding, whose ids do not count (as in transformers, which skips the padding too)."""
+    left padding, whose ids do not count (transformers counts them: there a batched row can differ
+    from its prompt alone)."""
     hit = seen_tokens(seen, scores.size(1), valid)
     return torch.where(hit, torch.where(scores < 0, scores * penalty, scores / penalty), scores, out=scores)
 
@@ -499,12 +500,22 @@ def generate(
         check_decode_kernel(decode_kernel)
     eos = _eos_ids(eos_token_id, config.eos_token_id)
     pad = pad_token_id if pad_token_id is not None else config.pad_token_id
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    if pad is None:  # as in HF, the first end id (one inside the vocabulary: -1 disables ending), else 0
+        pad = next((i for i in eos if 0 <= i < config.vocab_size), 0)
+    elif not 0 <= pad < config.vocab_size:
+        raise ValueError(f"pad_token_id={pad} is outside the model's vocabulary of {config.vocab_size}")
     device = input_ids.device
     if attention_mask is None:
         # as HF, infer the mask from the pad token, but only leading pads count as padding
         attention_mask = ((input_ids != pad).cumsum(1) > 0).long()
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} for input_ids of {tuple(input_ids.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    empty = (attention_mask == 0).all(1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty} are all padding: each prompt needs at least one real token")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("a prompt ends with padding: pad on the left (tokenizer(..., padding_side='left'))")
     if num_return_sequences > 1:
@@ -513,6 +524,7 @@ def generate(
     if streamer is not None and input_ids.size(0) > 1:
         raise ValueError("streamer works with one sequence at a time (batch size 1, num_return_sequences 1)")
     n_rows = input_ids.size(0)  # the sequences returned; with guidance the batch also holds their unconditional twins
+    prompt_len = input_ids.size(1)  # a longer negative prompt widens the batch: the returned rows drop that padding
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided:
         input_ids, attention_mask = _with_unconditional(
@@ -524,16 +536,20 @@ def generate(
                     "was found (set CXX, or install g++/clang++): decoding eagerly")
         compile = False
     B, T = input_ids.shape
+    offset = T - prompt_len
     limit = config.max_seq_len
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_new_tokens is None and max_length is not None and max_length <= T:
-        raise ValueError(f"max_length={max_length} leaves no room after a prompt of {T} tokens "
+    if max_new_tokens is None and max_length is not None and max_length <= prompt_len:
+        raise ValueError(f"max_length={max_length} leaves no room after a prompt of {prompt_len} tokens "
                          "(max_length counts the prompt): pass max_new_tokens instead")
+    if max_new_tokens is not None and max_length is not None:
+        log.warning("generate: both max_new_tokens=%d and max_length=%d are set (one may come from "
+                    "generation_config.json): max_new_tokens wins, as in transformers", max_new_tokens, max_length)
     asked = max_new_tokens is not None or max_length is not None  # else: up to max_seq_len, as documented
     if max_new_tokens is None:
-        max_new_tokens = (max_length or limit) - T
-    min_new = max(min_new_tokens or 0, (min_length or 0) - T)  # new tokens before an end id may be drawn
+        max_new_tokens = max_length - prompt_len if max_length else limit - T
+    min_new = max(min_new_tokens or 0, (min_length or 0) - prompt_len)  # new tokens before an end id may be drawn
     if T > limit:
         raise ValueError(f"the prompt has {T} tokens but the model's max_seq_len is {limit}")
     if asked and T + max_new_tokens > limit:
@@ -547,11 +563,11 @@ def generate(
     # the end ids inside the vocabulary (eos_token_id=-1 disables ending)
     eos_index = torch.tensor([i for i in sorted(eos) if 0 <= i < config.vocab_size], dtype=torch.long, device=device)
     if streamer is not None:
-        streamer.put(input_ids[:n_rows].cpu())
+        streamer.put(input_ids[:n_rows, offset:].cpu())
     if total <= T:
         if streamer is not None:
             streamer.end()
-        return input_ids[:n_rows]
+        return input_ids[:n_rows, offset:]
 
     out = torch.full((B, total), pad, dtype=torch.long, device=device)
     out[:, :T] = input_ids
@@ -615,11 +631,11 @@ def generate(
                     done |= torch.tensor(finished, device=device)
                     some_done = True
                     if bool(done.all()):
-                        return out[:n_rows, : pos + 1]
+                        return out[:n_rows, offset : pos + 1]
             if pos + 1 == total:
-                return out[:n_rows, : pos + 1]
+                return out[:n_rows, offset : pos + 1]
             logits = forward(pos if use_cache else 0, pos + 1)  # one position per step with the cache
-        return out[:n_rows]
+        return out[:n_rows, offset:]
     finally:
         if use_cache:
             model.clear_kv_cache()

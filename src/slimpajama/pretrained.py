@@ -22,6 +22,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+HF_TOP_K = 50  # sampling's top_k when neither the call nor generation_config.json sets one, as in transformers
 
 _HF_KEYS = {  # ours -> Llama's config.json
     "vocab_size": "vocab_size",
@@ -212,7 +213,7 @@ class SlimPajamaModel(Transformer):
         config = config_from_hf(hf_config, str(config_path))
         dtype = torch_dtype if torch_dtype is not None else dtype
         if dtype == "auto":
-            dtype = hf_config.get("torch_dtype", "float32")
+            dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"  # transformers 5 writes "dtype"
         if isinstance(dtype, str):
             name, dtype = dtype, getattr(torch, dtype, None)
             if not isinstance(dtype, torch.dtype):
@@ -257,7 +258,8 @@ class SlimPajamaModel(Transformer):
         """Hugging Face-style generation (see `slimpajama.generation.generate` for every option);
         defaults come from the folder's generation_config.json. Passing temperature, top_k, top_p or
         min_p samples unless do_sample=False is passed too; the file's own sampling settings sample
-        only where it sets do_sample, as in transformers. An argument `generate` does not take is an
+        only where it sets do_sample, as in transformers. Sampling keeps the 50 likeliest tokens
+        unless top_k is set (top_k=0: the whole vocabulary), transformers' default. An argument `generate` does not take is an
         error, as in transformers, where it would otherwise be silently ignored."""
         from slimpajama.generation import GENERATE_OPTIONS as options
         from slimpajama.generation import SAMPLING_KEYS, generate
@@ -272,4 +274,7 @@ class SlimPajamaModel(Transformer):
                 kwargs["do_sample"] = True  # the user asked for a sampling knob: sample
             else:
                 defaults.setdefault("do_sample", False)
-        return generate(self, input_ids, attention_mask=attention_mask, **{**defaults, **kwargs})
+        settings = {**defaults, **{k: v for k, v in kwargs.items() if not (k == "top_k" and v is None)}}
+        if settings.get("do_sample") and settings.get("top_k") is None:
+            settings["top_k"] = HF_TOP_K  # transformers' GenerationConfig default; top_k=0 turns it off
+        return generate(self, input_ids, attention_mask=attention_mask, **settings)
