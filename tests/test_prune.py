@@ -66,6 +66,9 @@ def test_tie_rule_breaks_ties_by_position():
     row = pruning.masks_from_scores({"a": torch.tensor([[3.0, 1.0, 1.0, 1.0]])}, 0.5, "row")["a"]
     assert row.tolist() == [[True, False, False, True]]  # the two tied 1.0s with the lowest index go
     assert pruning.n_pruned(10, 0.25) == 3 and pruning.n_pruned(10, 0.24) == 2  # 2.5 rounds up
+    # halves that floats miss: 0.58 * 25 is 14.499999999999998 in floats, 0.7 * 45 is 31.499999999999996
+    assert pruning.n_pruned(25, 0.58) == 15 and pruning.n_pruned(45, 0.7) == 32
+    assert pruning.masks_from_scores({"a": torch.arange(25.0)[None]}, 0.58, "row")["a"].sum() == 25 - 15
 
 
 def test_bad_settings_name_the_key():
@@ -88,6 +91,20 @@ def test_bad_settings_name_the_key():
     ({"method": "wanda", "prunable": ["embed_tokens"]}, "prune.prunable: embed_tokens is an embedding"),
     ({"schedule": "gradual", "gradual": {"every": 0}}, r"prune.gradual.every=0"),
     ({"schedule": "gradual", "gradual": {"initial_sparsity": 0.6}}, r"prune.gradual.initial_sparsity=0.6"),
+    ({"sparsity": "abc"}, r"prune.sparsity='abc' must be a number"),
+    ({"sparsity": None}, r"prune.sparsity=None must be a number"),
+    ({"schedule": "gradual", "gradual": {"initial_sparsity": "abc"}}, r"prune.gradual.initial_sparsity='abc'"),
+    ({"schedule": "gradual", "gradual": {"start_step": 5, "end_step": 2}}, r"end_step=2 must be after .*start_step=5"),
+    ({"schedule": "gradual", "gradual": {"end_step": 0}}, r"end_step=0 must be after .*start_step=0"),
+    ({"schedule": "gradual", "gradual": {"start_step": -1}}, r"prune.gradual.start_step=-1 must be a whole number"),
+    ({"method": "structured", "structured": {"heads": "abc"}}, r"prune.structured.heads='abc' must be a number"),
+    ({"method": "structured", "structured": {"layer_metric": "cos"}}, r"prune.structured.layer_metric='cos'"),
+    ({"method": "structured", "scope": "bogus"}, r"prune.scope='bogus'"),
+    ({"method": "structured", "prunable": ["layers.*.mlp.down_proj"]}, r"structured pruning removes whole query groups"),
+    ({"calibration_batches": -1}, r"prune.calibration_batches=-1 must be a whole number >= 0"),
+    ({"method": "wanda", "calibration_batches": 0}, r"prune.calibration_batches=0: prune.method=wanda"),
+    ({"generation_tokens": -5}, r"prune.generation_tokens=-5"),
+    ({"prunable": "layers.0.mlp.nothing"}, r"\['layers.0.mlp.nothing'\] match no module"),  # one pattern, not letters
 ])
 def test_bad_stage_settings_fail_before_any_pruning(tmp_path, overrides, match):
     from slimpajama.stages.prune import PruneModule
@@ -288,6 +305,42 @@ def test_fast_dev_run_of_each_method(method, teacher, tmp_path, corpus_dir):
     else:  # per layer (magnitude) or per row (Wanda): every module loses exactly half
         assert set(per_layer.values()) == {0.5} and metrics["prune/sparsity"] == 0.5
         assert metrics["prune/ppl_pruned"] > metrics["prune/ppl_dense"]
+
+
+def test_calibration_runs_without_dropout_and_a_bfloat16_source_is_saved_as_bfloat16(teacher, tmp_path, corpus_dir):
+    """Wanda's statistics are the eval-mode activations: a teacher whose config adds attention dropout gets
+    the same masks. The source's dtype is kept in the files, so the file ratio compares like with like."""
+    source = teacher / "logs" / "latest" / "pretrain" / "model"
+    masks = {}
+    for name, dropout, dtype in (("plain", 0.0, None), ("dropout", 0.3, None), ("bf16", 0.0, torch.bfloat16)):
+        folder = tmp_path / name
+        model = SlimPajamaModel.from_pretrained(source)
+        model.config.dropout = dropout
+        model.save_pretrained(folder, dtype=dtype)
+        for f in source.iterdir():  # the tokenizer files
+            if not (folder / f.name).exists():
+                (folder / f.name).write_bytes(f.read_bytes())
+        assert SlimPajamaModel.from_pretrained(folder).layers[0].self_attn.dropout == dropout
+        metrics, out = prune_run(teacher, ["prune.method=wanda", "prune.recovery=none", "prune.generation_tokens=0",
+                                           f"stage.module.init_from={folder}"], tmp_path / f"run-{name}", corpus_dir)
+        masks[name] = {k: v == 0 for k, v in saved_prunable(out / "model").items()}
+        saved = json.loads((out / "model" / "config.json").read_text())["torch_dtype"]
+        assert saved == ("bfloat16" if dtype else "float32")
+        assert metrics["prune/file_ratio"] == pytest.approx(1.0, abs=0.01)  # unstructured: the same size
+    assert masks["plain"].keys() == masks["dropout"].keys()
+    for k in masks["plain"]:
+        assert torch.equal(masks["plain"][k], masks["dropout"][k]), k
+
+
+def test_structured_sparsity_off_target_by_rounding_is_reported_and_warned(teacher, tmp_path, corpus_dir, caplog):
+    """2 query groups at 0.25: 0.5 of a group rounds up to one, so half the attention goes."""
+    with caplog.at_level("WARNING", logger="slimpajama.stages.prune"):
+        metrics, out = prune_run(teacher, ["prune.method=structured", "prune.sparsity=0.25", "debug=fdr"], tmp_path,
+                                 corpus_dir)
+    assert SlimPajamaModel.from_pretrained(out / "model").config.n_kv_head == 1
+    assert metrics["prune/sparsity"] > 0.26
+    assert f"structured pruning removed {metrics['prune/sparsity']:.4f} of the prunable parameters, not " \
+           "prune.sparsity=0.25" in caplog.text
 
 
 def test_masked_weights_stay_zero_through_finetune_recovery(teacher, tmp_path, corpus_dir):

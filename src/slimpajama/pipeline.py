@@ -98,7 +98,9 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     model_dir = out / "model"
     model = module.model if model is None else model  # an FSDP run passes the unsharded copy
     # a stage may add generation defaults, e.g. the fine-tuning prompt_template
-    model.save_pretrained(model_dir, generation_config=getattr(module, "generation_config", None))
+    # a stage may also keep its source's dtype in the files (pruning: a bfloat16 model stays bfloat16)
+    model.save_pretrained(model_dir, generation_config=getattr(module, "generation_config", None),
+                          dtype=getattr(module, "save_dtype", None))
     if hasattr(module, "saved_model_metrics"):  # a stage's measurements of the files just written (pruning)
         metrics.update(module.saved_model_metrics(model_dir))
     tokenizer = datamodule.tokenizer

@@ -57,6 +57,11 @@ def config_to_hf(config: SlimPajamaConfig, dtype: torch.dtype = torch.float32) -
     return hf
 
 
+def saved_dtype(hf: dict) -> str:
+    """The weights' dtype a config.json records: transformers 5 writes "dtype", 4 (and we) "torch_dtype"."""
+    return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+
+
 def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> SlimPajamaConfig:
     if hf.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
         raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a Llama-layout model")
@@ -155,11 +160,15 @@ def weight_files(directory: Path) -> list[Path]:
 class SlimPajamaModel(Transformer):
     """The model users load, train and generate with."""
 
-    def save_pretrained(self, directory: Union[str, os.PathLike], generation_config: dict = None) -> None:
+    def save_pretrained(
+        self, directory: Union[str, os.PathLike], generation_config: dict = None, dtype: Optional[torch.dtype] = None
+    ) -> None:
+        """Weights (safetensors), config.json and generation_config.json, written together. dtype: the
+        weights' dtype in the files (default: the model's)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        dtype = self.lm_head.weight.dtype
-        sd = state_dict_to_hf({k: v.detach().cpu() for k, v in self.state_dict().items()}, self.config)
+        dtype = dtype or self.lm_head.weight.dtype
+        sd = state_dict_to_hf({k: v.detach().cpu().to(dtype) for k, v in self.state_dict().items()}, self.config)
         hf = config_to_hf(self.config, dtype)
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
@@ -213,7 +222,7 @@ class SlimPajamaModel(Transformer):
         config = config_from_hf(hf_config, str(config_path))
         dtype = torch_dtype if torch_dtype is not None else dtype
         if dtype == "auto":
-            dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"  # transformers 5 writes "dtype"
+            dtype = saved_dtype(hf_config)
         if isinstance(dtype, str):
             name, dtype = dtype, getattr(torch, dtype, None)
             if not isinstance(dtype, torch.dtype):

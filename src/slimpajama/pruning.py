@@ -26,9 +26,9 @@ is `[gate (I); up (I)]` rows by d_model columns.
 """
 
 import fnmatch
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from decimal import ROUND_HALF_UP, Decimal
 
 import logging
 
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimpajama.checks import is_finite_number
 from slimpajama.model import RMSNorm, rope_cache
 
 DEFAULT_PRUNABLE = ("layers.*.self_attn.qkv", "layers.*.self_attn.o_proj", "layers.*.mlp.gate_up", "layers.*.mlp.down_proj")
@@ -83,13 +84,14 @@ def prunable_modules(model: nn.Module, patterns: Sequence[str] = DEFAULT_PRUNABL
 
 
 def n_pruned(n: int, sparsity: float) -> int:
-    """How many of n weights a group loses: n * sparsity rounded half up (the tie rule's k)."""
-    return math.floor(sparsity * n + 0.5)
+    """How many of n weights a group loses: n * sparsity rounded half up (the tie rule's k), in decimal
+    arithmetic on the sparsity as written (0.58 of 25 is 14.5, so 15; in floats it is 14.499...)."""
+    return int((Decimal(repr(float(sparsity))) * n).to_integral_value(rounding=ROUND_HALF_UP))
 
 
-def check_sparsity(sparsity: float) -> None:
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"prune.sparsity={sparsity} must be in [0, 1)")
+def check_sparsity(sparsity: float, key: str = "prune.sparsity") -> None:
+    if not is_finite_number(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{key}={sparsity!r} must be a number in [0, 1)")
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -336,8 +338,7 @@ def check_layer_metric(metric: str) -> None:
 
 
 def _n_removed(n: int, fraction: float, what: str) -> int:
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"prune.structured.{what}={fraction} must be in [0, 1)")
+    check_sparsity(fraction, f"prune.structured.{what}")
     removed = n_pruned(n, fraction)
     if removed >= n:
         raise ValueError(f"prune.structured.{what}={fraction} would remove all {n} {what}")

@@ -20,6 +20,7 @@ after, validation perplexity dense / pruned / recovered, and generation tokens/s
 
 import copy
 import itertools
+import json
 import logging
 import math
 import time
@@ -35,7 +36,7 @@ from slimpajama import pruning
 from slimpajama.generation import tokens_per_sec
 from slimpajama.losses import linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
-from slimpajama.pretrained import WEIGHTS_FILE, SlimPajamaModel, weight_files
+from slimpajama.pretrained import CONFIG_FILE, WEIGHTS_FILE, SlimPajamaModel, saved_dtype, weight_files
 from slimpajama.registry import latest_model, resolve_model
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,12 @@ def saved_tensor_names(module_name: str, tied: bool = False) -> list[str]:
             base = module_name.removesuffix(fused)
             return [f"model.{base}{p}.weight" for p in parts]
     return [f"model.{module_name}.weight"]
+
+
+def source_dtype(folder: Path) -> torch.dtype:
+    """The weights' dtype a model folder's config.json records (float32 when it names none we know)."""
+    dtype = getattr(torch, saved_dtype(json.loads((Path(folder) / CONFIG_FILE).read_text())), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 @torch.no_grad()
@@ -107,9 +114,30 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
             if value not in allowed:
                 raise ValueError(f"prune.{key}={value!r}: expected one of {', '.join(allowed)}")
         pruning.check_sparsity(sparsity)
-        scope = scope or DEFAULT_SCOPE.get(method)
-        if method != "structured" and scope not in pruning.SCOPES:
+        if scope is not None and scope not in pruning.SCOPES:  # structured pruning has no scope, but a typo is a typo
             raise ValueError(f"prune.scope={scope!r}: expected one of {', '.join(pruning.SCOPES)}")
+        scope = scope or DEFAULT_SCOPE.get(method)
+        if isinstance(prunable, str):  # prune.prunable=layers.0.mlp.down_proj: one pattern, not its characters
+            prunable = [prunable]
+        prunable = list(prunable)
+        if method == "structured" and sorted(prunable) != sorted(pruning.DEFAULT_PRUNABLE):
+            raise ValueError(f"prune.prunable={prunable}: structured pruning removes whole query groups, MLP channels, "
+                             "hidden channels and blocks (prune.structured.*), not listed modules; leave "
+                             "prune.prunable at its default and set a fraction to 0 to keep that part whole")
+        for key, value in (("calibration_batches", calibration_batches), ("eval_batches", eval_batches),
+                           ("generation_tokens", generation_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"prune.{key}={value!r} must be a whole number >= 0")
+        if method != "magnitude" and calibration_batches < 1:
+            raise ValueError(f"prune.calibration_batches=0: prune.method={method} ranks weights by their activations "
+                             "on calibration batches; give at least 1")
+        structured = {"heads": None, "channels": None, "hidden": 0.0, "layers": 0.0, "layer_metric": "cosine",
+                      **(structured or {})}
+        for key in ("heads", "channels", "hidden", "layers"):  # before the data and the dense measurements
+            if structured[key] is not None:
+                pruning.check_sparsity(structured[key], f"prune.structured.{key}")
+        if method == "structured":
+            pruning.check_layer_metric(structured["layer_metric"])
         if method == "structured" and schedule != "oneshot":
             raise ValueError("prune.schedule=gradual needs an unstructured method (magnitude or wanda): "
                              "structured pruning changes the shapes once, before recovery")
@@ -118,15 +146,15 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
             self.source = resolve_model(init_from, log_dir)
         else:
             self.source = latest_model(["distill", "pretrain"], log_dir=log_dir)
-        self.model = SlimPajamaModel.from_pretrained(self.source).train()
+        self.model = SlimPajamaModel.from_pretrained(self.source).train()  # float32 to prune and recover
+        self.save_dtype = source_dtype(self.source)  # saved as the source was: a bfloat16 model stays bfloat16
         log.info("pruning %s (%.2fM parameters) by %s to sparsity %s", self.source, self.model.num_params() / 1e6,
                  method, sparsity)
-        self.method, self.sparsity, self.scope, self.prunable = method, sparsity, scope, list(prunable)
+        self.method, self.sparsity, self.scope, self.prunable = method, sparsity, scope, prunable
         self.schedule = schedule
         self.gradual = {"initial_sparsity": 0.0, "start_step": 0, "end_step": None, "every": 10, **(gradual or {})}
         self.recovery, self.distill = recovery, {"kd_ratio": 1.0, "temperature": 1.0, "kind": "forward_kl", **(distill or {})}
-        self.structured = {"heads": None, "channels": None, "hidden": 0.0, "layers": 0.0, "layer_metric": "cosine",
-                           **(structured or {})}
+        self.structured = structured
         self.sequential, self.calibration_batches, self.eval_batches = sequential, calibration_batches, eval_batches
         self.generation_tokens = generation_tokens
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -142,6 +170,15 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                              "instead (the same weight when the embeddings are tied)")
         if schedule == "gradual":
             initial, every = self.gradual["initial_sparsity"], self.gradual["every"]
+            pruning.check_sparsity(initial, "prune.gradual.initial_sparsity")
+            start, end = self.gradual["start_step"], self.gradual["end_step"]
+            for key, value in (("start_step", start), ("end_step", end)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                    raise ValueError(f"prune.gradual.{key}={value!r} must be a whole number of steps >= 0")
+            if start is None:
+                raise ValueError("prune.gradual.start_step=None: give the step the schedule starts at (e.g. 0)")
+            if end is not None and end <= start:
+                raise ValueError(f"prune.gradual.end_step={end} must be after prune.gradual.start_step={start}")
             if not 0.0 <= initial <= sparsity:
                 raise ValueError(f"prune.gradual.initial_sparsity={initial} must be in [0, prune.sparsity={sparsity}]: "
                                  "masks only grow")
@@ -180,9 +217,14 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                              "trained on (data.tokenizer_path)")
         device = self.trainer.strategy.root_device
         self.model.to(device)
+        self.model.eval()  # the statistics and measurements below without dropout; fit switches back to train
         calibration = list(itertools.islice(iter(dm.train_dataloader()), self.calibration_batches))
         evaluation = list(itertools.islice(iter(dm.val_dataloader()), self.eval_batches))
-        self.prompt = evaluation[0][:1, :16] if evaluation else calibration[0][:1, :16]
+        if self.generation_tokens and not (evaluation or calibration):
+            raise ValueError("prune.generation_tokens > 0 times generation from a prompt of the data, but "
+                             "prune.eval_batches and prune.calibration_batches are both 0: set one, or "
+                             "prune.generation_tokens=0")
+        self.prompt = (evaluation or calibration)[0][:1, :16] if (evaluation or calibration) else None
         if self.eval_batches:
             self.report["prune/ppl_dense"] = math.exp(mean_loss(self.model, evaluation))
         if self.generation_tokens:
@@ -201,6 +243,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
             target = self.sparsity if self.schedule == "oneshot" else self._scheduled(0)
             self._update_masks(target, calibration)
         self.report["prune/seconds"] = time.perf_counter() - start
+        self.model.train()
         if self.eval_batches and self.schedule == "oneshot":
             self.report["prune/ppl_pruned"] = math.exp(mean_loss(self.model, evaluation))
             log.info("validation perplexity: dense %.2f, pruned %.2f", self.report["prune/ppl_dense"],
@@ -224,7 +267,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
 
     def _scheduled(self, step: int) -> float:
         g = self.gradual
-        end = g["end_step"] or max(1, int(0.75 * self.trainer.max_steps))
+        end = g["end_step"] if g["end_step"] is not None else max(g["start_step"] + 1, int(0.75 * self.trainer.max_steps))
         return pruning.cubic_sparsity(step, self.sparsity, g["initial_sparsity"], g["start_step"], end, g["every"])
 
     @torch.no_grad()
@@ -360,6 +403,11 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                 if present:
                     m[f"prune/sparsity/{module_name}"] = 1.0 - nonzero / sum(parts.values())
         m["prune/sparsity"] = 1.0 - kept / total
+        if self.method == "structured" and abs(m["prune/sparsity"] - self.sparsity) > 0.01:
+            c = self.model.config
+            log.warning("structured pruning removed %.4f of the prunable parameters, not prune.sparsity=%s: whole "
+                        "query groups and channels are removed, each count rounded (%d query groups and %d MLP "
+                        "channels kept)", m["prune/sparsity"], self.sparsity, c.n_kv_head, c.intermediate_size)
         log.info("achieved sparsity %.4f (target %s), %d parameters, %.2f MB", m["prune/sparsity"], self.sparsity,
                  self.model.num_params(), m["model/file_bytes"] / 1e6)
         for lg in self.trainer.loggers:
