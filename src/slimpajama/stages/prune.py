@@ -291,6 +291,8 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
     # ------------------------------------------------------------------ recovery
 
     def on_train_start(self) -> None:
+        # masks restored from a checkpoint were saved from the CPU: beside their weights again
+        self.masks = {n: m.to(self._prunable()[n].weight.device) for n, m in self.masks.items()}
         if self.recovery == "none":
             log.info("prune.recovery=none: no training steps")
             self.trainer.should_stop = True
