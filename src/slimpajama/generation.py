@@ -501,7 +501,9 @@ def generate(
     eos = _eos_ids(eos_token_id, config.eos_token_id)
     pad = pad_token_id if pad_token_id is not None else config.pad_token_id
     if pad is None:  # as in HF, the first end id (one inside the vocabulary: -1 disables ending), else 0
-        pad = next((i for i in eos if 0 <= i < config.vocab_size), 0)
+        pad = next((i for i in eos if 0 <= i < config.vocab_size), None)
+        if pad is None:  # no pad id at all: finished rows get 0, and no prompt token counts as padding
+            pad, attention_mask = 0, attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     elif not 0 <= pad < config.vocab_size:
         raise ValueError(f"pad_token_id={pad} is outside the model's vocabulary of {config.vocab_size}")
     device = input_ids.device

@@ -268,7 +268,7 @@ class SlimPajamaModel(Transformer):
         defaults come from the folder's generation_config.json. Passing temperature, top_k, top_p or
         min_p samples unless do_sample=False is passed too; the file's own sampling settings sample
         only where it sets do_sample, as in transformers. Sampling keeps the 50 likeliest tokens
-        unless top_k is set (top_k=0: the whole vocabulary), transformers' default. An argument `generate` does not take is an
+        unless top_k is given (top_k=0 or None: the whole vocabulary), transformers' default. An argument `generate` does not take is an
         error, as in transformers, where it would otherwise be silently ignored."""
         from slimpajama.generation import GENERATE_OPTIONS as options
         from slimpajama.generation import SAMPLING_KEYS, generate
@@ -283,7 +283,7 @@ class SlimPajamaModel(Transformer):
                 kwargs["do_sample"] = True  # the user asked for a sampling knob: sample
             else:
                 defaults.setdefault("do_sample", False)
-        settings = {**defaults, **{k: v for k, v in kwargs.items() if not (k == "top_k" and v is None)}}
-        if settings.get("do_sample") and settings.get("top_k") is None:
+        settings = {**defaults, **kwargs}
+        if settings.get("do_sample") and "top_k" not in settings:  # an explicit None: the whole vocabulary
             settings["top_k"] = HF_TOP_K  # transformers' GenerationConfig default; top_k=0 turns it off
         return generate(self, input_ids, attention_mask=attention_mask, **settings)

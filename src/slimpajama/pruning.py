@@ -9,7 +9,7 @@ Unstructured (weights stay the same shape; pruned entries become exact zeros):
   each matrix: Wanda's comparison group).
 
 Tie rule (what makes the achieved sparsity exact): a comparison group of n weights loses exactly
-k = floor(sparsity * n + 0.5) of them (n * sparsity rounded half up): the k lowest scores, where equal
+k = n * sparsity rounded half up (in decimal) of them: the k lowest scores, where equal
 scores are ordered by their flat index (row-major within a matrix, matrices in model order), so a
 tie at the threshold is broken by position, never by pruning more or fewer than k.
 
