@@ -78,6 +78,20 @@ def test_defaults_come_from_generation_config_json(tmp_path):
     assert loaded.generate(ids, max_new_tokens=2).shape == (1, 7)  # an argument beats the file
 
 
+def test_a_length_in_the_call_replaces_the_files_length_without_a_warning(tmp_path, caplog):
+    """A folder whose generation_config.json sets max_length (as transformers' files often do) and a
+    call with max_new_tokens: the call's length, and no both-lengths warning on every call."""
+    torch.manual_seed(0)
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path, generation_config={"max_length": 9, "eos_token_id": -1})
+    loaded = SlimPajamaModel.from_pretrained(tmp_path)
+    ids = torch.randint(4, VOCAB, (1, 5))
+    with caplog.at_level("WARNING", logger="slimpajama.generation"):
+        assert loaded.generate(ids).shape == (1, 9)  # the file's max_length counts the prompt
+        assert loaded.generate(ids, max_new_tokens=12).shape == (1, 17)
+        assert loaded.generate(ids, max_length=7).shape == (1, 7)
+    assert "both max_new_tokens" not in caplog.text
+
+
 def test_the_files_sampling_settings_sample_only_where_it_sets_do_sample(tmp_path):
     torch.manual_seed(0)
     model = SlimPajamaModel(tiny())
@@ -244,6 +258,8 @@ def test_num_return_sequences_repeats_each_prompt(model):
     for i in range(6):
         assert torch.equal(out[i, :5], ids[i // 3])
     assert len({tuple(r) for r in out[:3, 5:].tolist()}) > 1  # samples of one prompt differ
+    with pytest.raises(ValueError, match="num_return_sequences=3 with greedy decoding"):  # as in transformers
+        model.generate(ids, max_new_tokens=10, do_sample=False, num_return_sequences=3)
 
 
 def test_eos_stops_a_row_and_pads_the_rest(model):
@@ -527,6 +543,28 @@ def test_iterator_streamer_in_a_thread(model, tok):
     assert text == tok.decode(result["out"][0, ids.size(1):], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("bad", [{"max_new_token": 5}, {"top_p": 0.0}, {"stop_strings": ["x"]}], ids=str)
+def test_the_iterator_streamers_reader_gets_the_error_when_generate_raises(model, tok, bad):
+    """An unknown argument, a bad setting, or one found later (stop strings without the tokenizer
+    they need): the reader's loop raises generate's error instead of waiting for ever."""
+    ids = tok.encode("the city", return_tensors="pt")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=30)  # a hang: queue.Empty, not the error
+    errors = []
+
+    def run():
+        try:
+            model.generate(ids, **{"max_new_tokens": 5, "do_sample": False, **bad}, streamer=streamer)
+        except (TypeError, ValueError) as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    with pytest.raises((TypeError, ValueError)) as raised:
+        "".join(streamer)
+    thread.join(timeout=30)
+    assert errors and raised.value is errors[0]
+
+
 def test_stop_strings_stop_after_the_string(model, tok):
     ids = tok.encode("the river", return_tensors="pt")
     free = greedy(model, ids, n=40)
@@ -719,3 +757,20 @@ def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, 
         mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16,
                              do_sample=False, eos_token_id=-1, repetition_penalty=penalty)
         assert torch.equal(mine, expected), penalty
+
+
+@pytest.mark.parametrize("pad", [None, 2], ids=["no-pad-id", "pad-is-eos"])
+def test_leading_end_ids_are_tokens_when_the_pad_id_is_an_end_id_as_in_transformers(tmp_path, monkeypatch, pad):
+    """With no pad id, or one equal to the end id, transformers infers no mask from the prompt: a
+    prompt that starts with end ids (a document separator) attends to them, and so do we."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    SlimPajamaModel(tiny(pad_token_id=pad)).save_pretrained(tmp_path)
+    ours = SlimPajamaModel.from_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.cat([torch.tensor([[2, 2]]), torch.randint(4, VOCAB, (1, 6))], 1)
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=2)
+    assert torch.equal(ours.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    masked = ours.generate(ids, attention_mask=(ids != 2).long(), max_new_tokens=12, do_sample=False)
+    assert not torch.equal(masked, expected)  # the case tells the two readings apart

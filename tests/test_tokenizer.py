@@ -223,6 +223,30 @@ def test_padding_side_survives_save_and_load(tok, tmp_path):
     assert hf(["Hi", "the city by the river"], padding=True)["input_ids"] == enc.input_ids
 
 
+def test_a_failed_save_changes_no_file_of_the_folder(tok, tmp_path, monkeypatch):
+    """tokenizer.model is written first: a save that fails on a later file (here special_tokens_map.json)
+    leaves the folder's three files as they were, and no temporary file."""
+    import slimpajama.tokenizer as T
+
+    tok.save_pretrained(tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    other = SlimPajamaTokenizer.from_pretrained(tmp_path)
+    other._proto = other._proto + b"\0"  # another model file
+    real, calls = json.dumps, []
+
+    def dumps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T.json, "dumps", dumps)
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert len(calls) == 2 and {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
 def test_batch_decode(tok):
     texts = ["The river.", "写一篇正式的文章", f"{CONTROL[1]}Translate this."]
     ids = [tok.encode(t) for t in texts]

@@ -221,6 +221,11 @@ class TextIteratorStreamer(TextStreamer):
         super().end()
         self.queue.put(None)
 
+    def fail(self, error: BaseException) -> None:
+        """`generate` raised: the text so far is handed out, then the reader's loop raises `error`."""
+        super().end()
+        self.queue.put(error)
+
     def __iter__(self):
         return self
 
@@ -228,6 +233,8 @@ class TextIteratorStreamer(TextStreamer):
         text = self.queue.get(timeout=self.timeout)
         if text is None:
             raise StopIteration
+        if isinstance(text, BaseException):
+            raise text
         return text
 
 
@@ -341,6 +348,31 @@ def _inference(fn: Callable) -> Callable:
     return wrapper
 
 
+def _ends_streamer(fn: Callable) -> Callable:
+    """Call the `streamer` argument's `end` once `fn` returns, and also when it raises, at any point
+    (a bad or unknown argument included): a `TextIteratorStreamer` is handed the error, which its
+    reader's loop raises, where transformers' streamer leaves the reader waiting for ever."""
+    names = inspect.signature(fn).parameters
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        streamer = kwargs.get("streamer")
+        try:
+            unknown = sorted(set(kwargs) - set(names))
+            if unknown:  # a typo or another library's option (num_beams): an error, not silently ignored
+                raise TypeError(f"generate() does not take {unknown} (see slimpajama.generation.generate for the options)")
+            out = fn(*args, **kwargs)
+        except BaseException as error:
+            if streamer is not None:
+                streamer.fail(error) if hasattr(streamer, "fail") else streamer.end()
+            raise
+        if streamer is not None:
+            streamer.end()
+        return out
+
+    return wrapper
+
+
 def _last_logits(model, idx: torch.Tensor, start: Optional[int], **kwargs) -> torch.Tensor:
     """Logits (B, V) at the last of the positions `idx` (B, T), which go into KV-cache slots start ..
     start + T - 1 (start None: no cache, the whole prefix): the head runs on that position only."""
@@ -441,6 +473,7 @@ def tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 
     return new_tokens / best
 
 
+@_ends_streamer
 @_inference
 def generate(
     model,
@@ -507,6 +540,8 @@ def generate(
     elif not 0 <= pad < config.vocab_size:
         raise ValueError(f"pad_token_id={pad} is outside the model's vocabulary of {config.vocab_size}")
     device = input_ids.device
+    if attention_mask is None and pad in eos:  # as in transformers: a pad that is also an end id is a token
+        attention_mask = torch.ones_like(input_ids)
     if attention_mask is None:
         # as HF, infer the mask from the pad token, but only leading pads count as padding
         attention_mask = ((input_ids != pad).cumsum(1) > 0).long()
@@ -520,6 +555,9 @@ def generate(
         raise ValueError(f"attention_mask rows {empty} are all padding: each prompt needs at least one real token")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("a prompt ends with padding: pad on the left (tokenizer(..., padding_side='left'))")
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding would return identical "
+                         "copies: sample (do_sample=True), as transformers requires")
     if num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
         attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
@@ -567,8 +605,6 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids[:n_rows, offset:].cpu())
     if total <= T:
-        if streamer is not None:
-            streamer.end()
         return input_ids[:n_rows, offset:]
 
     out = torch.full((B, total), pad, dtype=torch.long, device=device)
@@ -642,8 +678,6 @@ def generate(
         if use_cache:
             model.clear_kv_cache()
         model.train(was_training)
-        if streamer is not None:
-            streamer.end()
 
 
 # the options `generate` takes after (model, input_ids, attention_mask): SlimPajamaModel.generate refuses others

@@ -126,7 +126,7 @@ def state_dict_from_hf(sd: dict, config: SlimPajamaConfig) -> dict:
     return out
 
 
-def _write_together(writes: dict) -> None:
+def write_together(writes: dict) -> None:
     """{path: write(tmp_path)}: every file written to a temporary name first, then all renamed into place,
     so a save that fails (a full disk, an interrupt) changes none of them and leaves no temporary file;
     an overwritten folder never holds one model's weights with another's config."""
@@ -172,7 +172,7 @@ class SlimPajamaModel(Transformer):
         hf = config_to_hf(self.config, dtype)
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
-        _write_together({
+        write_together({
             directory / WEIGHTS_FILE: lambda p: save_file(sd, str(p), metadata={"format": "pt"}),
             directory / CONFIG_FILE: lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"),
             directory / GENERATION_CONFIG_FILE: lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"),
@@ -265,17 +265,16 @@ class SlimPajamaModel(Transformer):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Hugging Face-style generation (see `slimpajama.generation.generate` for every option);
-        defaults come from the folder's generation_config.json. Passing temperature, top_k, top_p or
-        min_p samples unless do_sample=False is passed too; the file's own sampling settings sample
-        only where it sets do_sample, as in transformers. Sampling keeps the 50 likeliest tokens
-        unless top_k is given (top_k=0 or None: the whole vocabulary), transformers' default. An argument `generate` does not take is an
-        error, as in transformers, where it would otherwise be silently ignored."""
+        defaults come from the folder's generation_config.json, and a max_length or max_new_tokens in
+        the call replaces both of the file's lengths. Passing temperature, top_k, top_p or min_p
+        samples unless do_sample=False is passed too; the file's own sampling settings sample only
+        where it sets do_sample, as in transformers. Sampling keeps the 50 likeliest tokens unless
+        top_k is given (top_k=0 or None: the whole vocabulary), transformers' default. An argument
+        `generate` does not take is an error, as in transformers, where it would otherwise be
+        silently ignored."""
         from slimpajama.generation import GENERATE_OPTIONS as options
         from slimpajama.generation import SAMPLING_KEYS, generate
 
-        unknown = sorted(set(kwargs) - options)
-        if unknown:
-            raise TypeError(f"generate() does not take {unknown} (see slimpajama.generation.generate for the options)")
         saved = dict(getattr(self, "generation_config", None) or {})
         defaults = {k: v for k, v in saved.items() if k in options}  # not bos_token_id, prompt_template ...
         if "do_sample" not in kwargs:
@@ -283,6 +282,9 @@ class SlimPajamaModel(Transformer):
                 kwargs["do_sample"] = True  # the user asked for a sampling knob: sample
             else:
                 defaults.setdefault("do_sample", False)
+        if "max_length" in kwargs or "max_new_tokens" in kwargs:  # the call's length, not the file's
+            for key in ("max_length", "max_new_tokens"):
+                defaults.pop(key, None)
         settings = {**defaults, **kwargs}
         if settings.get("do_sample") and "top_k" not in settings:  # an explicit None: the whole vocabulary
             settings["top_k"] = HF_TOP_K  # transformers' GenerationConfig default; top_k=0 turns it off

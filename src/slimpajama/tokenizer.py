@@ -510,11 +510,13 @@ class SlimPajamaTokenizer:
 
     # ---- files ----------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> tuple[str, ...]:
-        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json; returns their paths
-        (as transformers does). The special tokens saved are the current ones (a changed pad_token too)."""
+        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json together (a failed
+        save changes none of them); returns their paths (as transformers does). The special tokens
+        saved are the current ones (a changed pad_token too)."""
+        from slimpajama.pretrained import write_together
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / MODEL_FILE).write_bytes(self._proto)
         config = {
             "tokenizer_class": "LlamaTokenizer",
             "legacy": False,
@@ -530,10 +532,14 @@ class SlimPajamaTokenizer:
             "additional_special_tokens": self.control_tokens,
             "slimpajama_control_tokens": self.control_tokens,
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         special_map = {**{name: getattr(self, name) for name in SPECIAL_TOKENS},
                        "additional_special_tokens": self.control_tokens}
-        (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+        write_together({
+            directory / MODEL_FILE: lambda p: p.write_bytes(self._proto),
+            directory / CONFIG_FILE: lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n"),
+            directory / "special_tokens_map.json":
+                lambda p: p.write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"),
+        })
         return tuple(str(directory / f) for f in (CONFIG_FILE, "special_tokens_map.json", MODEL_FILE))
 
     @classmethod
