@@ -341,6 +341,12 @@ def test_structured_sparsity_off_target_by_rounding_is_reported_and_warned(teach
     assert metrics["prune/sparsity"] > 0.26
     assert f"structured pruning removed {metrics['prune/sparsity']:.4f} of the prunable parameters, not " \
            "prune.sparsity=0.25" in caplog.text
+    caplog.clear()  # the same shape from explicit fractions: the shape is the target, nothing to warn of
+    with caplog.at_level("WARNING", logger="slimpajama.stages.prune"):
+        explicit, _ = prune_run(teacher, ["prune.method=structured", "prune.structured.heads=0.25",
+                                          "prune.structured.channels=0.25", "debug=fdr"], tmp_path / "explicit",
+                                corpus_dir)
+    assert explicit["prune/sparsity"] == metrics["prune/sparsity"] and "structured pruning removed" not in caplog.text
 
 
 def test_masked_weights_stay_zero_through_finetune_recovery(teacher, tmp_path, corpus_dir):

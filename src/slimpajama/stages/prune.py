@@ -405,12 +405,16 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                 if present:
                     m[f"prune/sparsity/{module_name}"] = 1.0 - nonzero / sum(parts.values())
         m["prune/sparsity"] = 1.0 - kept / total
-        if self.method == "structured" and abs(m["prune/sparsity"] - self.sparsity) > 0.01:
+        s = self.structured
+        # explicit prune.structured fractions set the shape: prune.sparsity is then no target to miss
+        by_sparsity = s["heads"] is None and s["channels"] is None and not s["hidden"] and not s["layers"]
+        if self.method == "structured" and by_sparsity and abs(m["prune/sparsity"] - self.sparsity) > 0.01:
             c = self.model.config
             log.warning("structured pruning removed %.4f of the prunable parameters, not prune.sparsity=%s: whole "
                         "query groups and channels are removed, each count rounded (%d query groups and %d MLP "
                         "channels kept)", m["prune/sparsity"], self.sparsity, c.n_kv_head, c.intermediate_size)
-        log.info("achieved sparsity %.4f (target %s), %d parameters, %.2f MB", m["prune/sparsity"], self.sparsity,
+        target = self.sparsity if self.method != "structured" or by_sparsity else "set by prune.structured"
+        log.info("achieved sparsity %.4f (target %s), %d parameters, %.2f MB", m["prune/sparsity"], target,
                  self.model.num_params(), m["model/file_bytes"] / 1e6)
         for lg in self.trainer.loggers:
             lg.log_metrics(m, self.trainer.global_step)
