@@ -363,8 +363,10 @@ def _ends_streamer(fn: Callable) -> Callable:
                 raise TypeError(f"generate() does not take {unknown} (see slimpajama.generation.generate for the options)")
             out = fn(*args, **kwargs)
         except BaseException as error:
-            if streamer is not None:
-                streamer.fail(error) if hasattr(streamer, "fail") else streamer.end()
+            if hasattr(streamer, "fail"):  # ours: its reader raises the error
+                streamer.fail(error)
+            elif streamer is not None:  # another (transformers') streamer: ended, as on success
+                streamer.end()
             raise
         if streamer is not None:
             streamer.end()

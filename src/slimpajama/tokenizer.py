@@ -33,6 +33,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from slimpajama.pretrained import write_together
 from slimpajama.registry import resolve_model
 
 log = logging.getLogger(__name__)
@@ -513,8 +514,6 @@ class SlimPajamaTokenizer:
         """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json together (a failed
         save changes none of them); returns their paths (as transformers does). The special tokens
         saved are the current ones (a changed pad_token too)."""
-        from slimpajama.pretrained import write_together
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
