@@ -307,3 +307,23 @@ def test_throughput_leaves_validation_time_out_and_keeps_the_batches_before_it(m
         clock.now += 1.0
         monitor.on_train_batch_end(trainer, module, None, batch, i)
     assert logged == [("train/tokens_per_sec", pytest.approx(64.0)), ("train/mfu", pytest.approx(64 * 1000 / 1e6))]
+
+
+@pytest.mark.parametrize("settings, n", [({"temperature": 0.8, "top_k": 50}, 3), ({"temperature": None, "top_k": None}, 1)],
+                         ids=["sampled", "greedy"])
+def test_the_after_training_sample_draws_num_samples_or_one_greedy_text(tok, caplog, settings, n):
+    """sample.temperature and sample.top_k both null decode greedily: one text, not an error for
+    num_samples identical copies."""
+    from omegaconf import OmegaConf
+
+    from slimpajama.model import SlimPajamaConfig
+    from slimpajama.pipeline import _sample
+
+    torch.manual_seed(0)
+    model = SlimPajamaModel(SlimPajamaConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=16,
+                                             intermediate_size=32, max_seq_len=32)).eval()
+    cfg = OmegaConf.create({"seed": 0, "task_name": "pretrain",
+                            "sample": {"prompt": "the", "max_new_tokens": 4, "num_samples": 3, **settings}})
+    with caplog.at_level("INFO", logger="slimpajama.pipeline"):
+        _sample(cfg, model, tok, loggers=[])
+    assert caplog.text.count("sample (temperature") == n
