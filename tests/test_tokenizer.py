@@ -488,12 +488,36 @@ def test_decode_tokenize_and_vocab_as_in_transformers(tok, hf):
     assert tok.convert_ids_to_tokens(ids, skip_special_tokens=True) == hf.convert_ids_to_tokens(ids, skip_special_tokens=True)
 
 
+def test_special_ids_follow_a_reassigned_special_token_as_in_transformers(tok, hf, tmp_path):
+    """After pad_token = eos_token the old pad id is an ordinary piece: out of all_special_ids (as in
+    transformers), and decoded as its string even with skip_special_tokens, as transformers decodes the
+    folder saved then. (A live transformers tokenizer still skips it: it keeps the old string's
+    added-token flag.)"""
+    transformers = pytest.importorskip("transformers")
+    assert tok.all_special_ids == sorted(hf.all_special_ids)
+    try:
+        for t in (tok, hf):
+            t.pad_token = t.eos_token
+        assert tok.all_special_ids == sorted(hf.all_special_ids) and 3 not in tok.all_special_ids
+        assert tok.all_special_tokens == [hf.convert_ids_to_tokens(i) for i in sorted(hf.all_special_ids)]
+        tok.save_pretrained(tmp_path / "pad-is-eos")
+        saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "pad-is-eos"))
+        ids = tok.encode("the city") + [3]
+        assert tok.decode(ids, skip_special_tokens=True) == saved.decode(ids, skip_special_tokens=True) == "the city<pad>"
+        assert tok.all_special_ids == sorted(saved.all_special_ids)
+    finally:
+        tok.pad_token = "<pad>"
+    assert 3 in tok.all_special_ids
+
+
 def test_call_options_as_in_transformers(tok, hf, caplog):
     texts = ["music school river house", "the city"]
     cases = [{"padding": "max_length"}, {"padding": True, "pad_to_multiple_of": 8}, {"max_length": 4, "pad_to_multiple_of": 2,
              "padding": "max_length", "truncation": True}, {"padding": True, "return_length": True},
              {"return_length": True}, {"padding": True, "return_attention_mask": False, "return_tensors": "pt"},
-             {"padding": True, "return_length": True, "return_tensors": "pt"}]
+             {"padding": True, "return_length": True, "return_tensors": "pt"},
+             # max_length with padding and no truncation only pads, where alone it cuts
+             {"padding": True, "max_length": 3}, {"padding": "max_length", "max_length": 4}, {"max_length": 3}]
     for kwargs in cases:
         assert _plain(tok(texts, **kwargs)) == _plain(hf(texts, **kwargs)), kwargs
         assert _plain(tok(texts[0], **kwargs)) == _plain(hf(texts[0], **kwargs)), kwargs

@@ -109,7 +109,6 @@ class SlimPajamaTokenizer:
         self._tokens = _alternation([*SPECIAL_TOKENS.values(), *self.control_tokens])  # and by encode()
         # the special tokens SentencePiece does not print (decode puts their strings in)
         self._unspoken = set(sp_ids.values())
-        self.all_special_ids = sorted(self._unspoken | set(self.control_token_ids))
 
     def _existing_id(self, token: Union[str, int], name: str) -> int:
         """The id of `token` (a piece or an id) of this vocabulary, for the special token `name`."""
@@ -127,6 +126,12 @@ class SlimPajamaTokenizer:
     def special_tokens_map(self) -> dict[str, str]:
         """As transformers': the bos, eos, unk and pad strings (the control tokens are `control_tokens`)."""
         return {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """The ids of the bos, eos, unk and pad tokens as they are now (after `pad_token = eos_token` the
+        old pad id is an ordinary piece) and of the control tokens, as transformers'."""
+        return sorted(set(self._special_ids.values()) | set(self.control_token_ids))
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -307,8 +312,9 @@ class SlimPajamaTokenizer:
         `padding_side` and `return_attention_mask` as in `pad`; `truncation` True / "longest_first" /
         "only_first" cuts each text to `max_length` (default model_max_length) from `truncation_side`,
         keeping the bos, False / "do_not_truncate" does not cut, and None (the default) cuts only when
-        max_length is given, with a warning, as transformers does. return_length: the length of each
-        row (after padding, as in transformers). Pairs of texts are not supported (the options are
+        max_length is given without padding, with a warning, as transformers does (with padding it
+        only pads: padding=True to the longest row, "max_length" to max_length). return_length: the
+        length of each row (after padding, as in transformers). Pairs of texts are not supported (the options are
         keyword-only, so a second text is an error)."""
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(map(repr, TRUNCATION))}")
@@ -317,7 +323,7 @@ class SlimPajamaTokenizer:
         _check_pad_options(padding, max_length, pad_to_multiple_of, padding_side, return_tensors)
         texts = [text] if isinstance(text, str) else text
         batch = [self._encode_text(t, None if split_special_tokens else self._tokens) for t in texts]
-        if truncation is None and max_length is not None:
+        if truncation is None and max_length is not None and padding in (False, "do_not_pad"):
             self._warn_once("truncation", "max_length=%d without truncation: truncating to it, as transformers "
                             "does (pass truncation=True to say so, or truncation=False to keep every token)",
                             max_length)
