@@ -138,6 +138,19 @@ def test_right_padding_is_refused(model):
     mask[1, -2:] = 0
     with pytest.raises(ValueError, match="pad on the left"):
         model.generate(ids, attention_mask=mask, max_new_tokens=3)
+    ids[1, -2:] = model.config.pad_token_id  # and without a mask: the trailing pads are padding too
+    with pytest.raises(ValueError, match="pad on the left"):
+        model.generate(ids, max_new_tokens=3)
+
+
+def test_without_a_mask_every_pad_is_padding_as_in_transformers(model):
+    """A pad inside a prompt is masked, as transformers infers the mask (`input_ids != pad`)."""
+    ids = torch.randint(4, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids[0, 3] = model.config.pad_token_id
+    mask = torch.ones_like(ids)
+    mask[0, 3] = 0
+    assert torch.equal(greedy(model, ids, n=6), greedy(model, ids, n=6, attention_mask=mask))
+    assert not torch.equal(greedy(model, ids, n=6), greedy(model, ids, n=6, attention_mask=torch.ones_like(ids)))
 
 
 def test_kv_cache_decodes_one_position_per_step_and_matches_no_cache(model):
@@ -581,25 +594,29 @@ def test_stop_strings_stop_after_the_string(model, tok):
 
 def test_a_stop_string_with_a_leading_space_matches_the_first_new_token(tok):
     ids = torch.tensor([tok.encode("city by", add_special_tokens=False)])  # "▁city ▁by": the text " city by"
-    assert StopStrings([" city"], tok)(ids).tolist() == [True]
+    assert StopStrings([" city"], tok)(ids, new=2).tolist() == [True]
     assert StopStrings([" by"], tok)(ids[:, 1:]).tolist() == [True]
     with pytest.raises(ValueError, match="must be non-empty"):
         StopStrings(["x", ""], tok)
 
 
-def test_stop_strings_never_match_a_character_the_window_cuts(tok):
-    """The window of ids a stop string is looked for in starts at a character's first byte: 😀 is four
-    byte-fallback ids, and a window starting after the first would decode its other three to U+FFFD."""
-    emoji = tok.encode("😀", add_special_tokens=False)
-    emoji = emoji[-4:]  # without the dummy prefix's "▁", if it has its own id
-    assert [tok.convert_ids_to_tokens(i) for i in emoji] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
-    stops = StopStrings(["\ufffdc"], tok)  # window 10: 4 * 2 + 2 ids
-    after = tok.encode_continuation("c d e f g h i j k l")[: stops.window - 3]
-    ids = torch.tensor([emoji + after])  # the last 10 ids start at the emoji's second byte
-    assert tok.decode(ids[0]).startswith("😀c") and tok.decode(ids[0, 1:]).startswith("\ufffd")
-    assert stops(ids).tolist() == [False]
-    assert StopStrings(["😀c", "x"], tok)(ids).tolist() == [True]  # the whole character still matches
-    assert StopStrings(["\ufffdc"], tok)(torch.tensor([tok.encode("a\ufffdc", add_special_tokens=False)])).tolist() == [True]
+def test_a_stop_string_must_end_in_the_newest_token_and_may_begin_before_it(tok):
+    """As transformers' StopStringCriteria: the text before the newest token (the prompt's too) may
+    hold the string's start, not the whole string; padding is left out; a character of four
+    byte-fallback tokens matches once its last byte comes, and not before."""
+    ids = torch.tensor([tok.encode("the city by the river")])
+    assert StopStrings(["the river"], tok)(ids).tolist() == [True]
+    assert StopStrings(["e riv"], tok)(ids).tolist() == [True]  # the newest token is "▁river"
+    assert StopStrings(["city by"], tok)(ids).tolist() == [False]  # done before the newest token
+    assert StopStrings(["city by"], tok)(ids, new=3).tolist() == [True]
+    pad = tok.pad_token_id
+    padded, mask = torch.cat([torch.tensor([[pad, pad]]), ids], 1), torch.tensor([[0, 0] + [1] * ids.size(1)])
+    assert StopStrings(["<pad><s>"], tok)(padded, new=ids.size(1)).tolist() == [True]
+    assert StopStrings(["<pad><s>"], tok)(padded, mask, new=ids.size(1)).tolist() == [False]
+    emoji = tok.encode("a😀", add_special_tokens=False)
+    assert [tok.convert_ids_to_tokens(i) for i in emoji[-4:]] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    stops = StopStrings(["a😀"], tok)
+    assert [stops(torch.tensor([emoji[:n]])).item() for n in range(1, len(emoji) + 1)] == [False] * (len(emoji) - 1) + [True]
 
 
 def test_the_issue_example_runs(tmp_path, tok, capsys):
@@ -774,3 +791,25 @@ def test_leading_end_ids_are_tokens_when_the_pad_id_is_an_end_id_as_in_transform
     assert torch.equal(ours.generate(ids, max_new_tokens=12, do_sample=False), expected)
     masked = ours.generate(ids, attention_mask=(ids != 2).long(), max_new_tokens=12, do_sample=False)
     assert not torch.equal(masked, expected)  # the case tells the two readings apart
+
+
+def test_a_stop_string_across_the_prompts_end_stops_as_in_transformers(tmp_path, monkeypatch, tok):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny())
+    with torch.no_grad():  # sharper than at init, as in the parity test
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ours = SlimPajamaModel.from_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = torch.tensor([tok.encode("from was have of")])
+    free = greedy(ours, ids, n=8)
+    assert tok.decode(free[0, ids.size(1):]).startswith("small small")  # so "of small" spans the prompt's end
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "stop_strings": "of small"}
+    expected = hf.generate(ids, tokenizer=hf_tok, pad_token_id=3, eos_token_id=None, **kwargs)
+    mine = ours.generate(ids, tokenizer=tok, eos_token_id=-1, **kwargs)
+    assert torch.equal(mine, expected) and mine.size(1) == ids.size(1) + 1  # stopped at the first new token

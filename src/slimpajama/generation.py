@@ -249,10 +249,11 @@ def continuation_ids(tokenizer) -> set[int]:
 
 
 class StopStrings:
-    """Stops a row once its new text contains any of `strings`. Decodes only the last tokens that
-    could hold the longest string (each character is at most 4 byte-fallback tokens), from the start
-    of a character: a window that would begin inside one starts at its first byte instead, so that the
-    bytes cut off do not decode to U+FFFD characters that a stop string could match."""
+    """Stops a row once a stop string ends in the text of its newest token; it may begin in the tokens
+    before, the prompt's included, as in transformers. Decodes only the last tokens that could hold
+    the longest string: a string of n characters spans at most 4n + 1 tokens (4 byte-fallback tokens a
+    character, and one that begins before it), so a match never reaches the window's first token,
+    which may begin inside a character."""
 
     def __init__(self, strings: Union[str, Sequence[str]], tokenizer):
         if tokenizer is None:
@@ -262,20 +263,27 @@ class StopStrings:
             raise ValueError(f"stop_strings={self.strings!r}: every stop string must be non-empty text")
         self.tokenizer = tokenizer
         self.window = 4 * max(len(s) for s in self.strings) + 2
-        self.continuation = continuation_ids(tokenizer)
 
-    def __call__(self, new_ids: torch.Tensor) -> torch.Tensor:
-        """new_ids (B, n) generated so far -> (B,) bool: a stop string has appeared."""
+    def _text(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if ids and self.tokenizer.convert_ids_to_tokens(ids[0]).startswith(SPACE_MARKER):
+            text = " " + text  # decode drops the first token's space, which is in the text
+        return text
+
+    def __call__(self, ids: torch.Tensor, mask: Optional[torch.Tensor] = None, new: int = 1) -> torch.Tensor:
+        """ids (B, n): each row so far, the newest token last; mask (B, n): 0 on padding, which is left
+        out -> (B,) bool: a stop string ends in the text of the last `new` tokens."""
+        keep = self.window + new
+        rows = ids[:, -keep:].tolist()
+        real = None if mask is None else mask[:, -keep:].bool().tolist()
         stopped = []
-        for row in new_ids[:, -self.window - 3 :].tolist():  # a character's first byte is at most 3 before
-            start = max(0, len(row) - self.window)
-            while start > 0 and row[start] in self.continuation:
-                start -= 1
-            text = self.tokenizer.decode(row[start:], skip_special_tokens=False)
-            if row[start:] and self.tokenizer.convert_ids_to_tokens(row[start]).startswith(SPACE_MARKER):
-                text = " " + text  # decode drops the first token's space, which is in the text generated
-            stopped.append(any(s in text for s in self.strings))
-        return torch.tensor(stopped, device=new_ids.device)
+        for b, row in enumerate(rows):
+            window = row if real is None else [i for i, r in zip(row, real[b]) if r]
+            text = self._text(window)
+            # the text before the newest tokens, less a character they complete (U+FFFD until then)
+            before = len(self._text(window[: max(0, len(window) - new)]).rstrip("\ufffd"))
+            stopped.append(any(s in text[max(0, before - len(s) + 1) :] for s in self.strings))
+        return torch.tensor(stopped, device=ids.device)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -544,9 +552,8 @@ def generate(
     device = input_ids.device
     if attention_mask is None and pad in eos:  # as in transformers: a pad that is also an end id is a token
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask is None:
-        # as HF, infer the mask from the pad token, but only leading pads count as padding
-        attention_mask = ((input_ids != pad).cumsum(1) > 0).long()
+    if attention_mask is None:  # as in transformers, every pad is padding (then refused unless on the left)
+        attention_mask = (input_ids != pad).long()
     if attention_mask.dim() == 1:
         attention_mask = attention_mask[None]
     if attention_mask.shape != input_ids.shape:
@@ -666,7 +673,8 @@ def generate(
             if eos or stops is not None:  # one sync a step: the new ids, read in Python
                 finished = [t in eos for t in nxt.tolist()] if eos else [False] * n_rows
                 if stops is not None:
-                    finished = [f or s for f, s in zip(finished, stops(out[:n_rows, T : pos + 1]).tolist())]
+                    stopped = stops(out[:n_rows, : pos + 1], mask[:n_rows, : pos + 1]).tolist()
+                    finished = [f or s for f, s in zip(finished, stopped)]
                 if any(finished):
                     done |= torch.tensor(finished, device=device)
                     some_done = True
