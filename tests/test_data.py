@@ -8,6 +8,9 @@ import math
 import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,13 +18,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from litdata import StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
+from conftest import TINY, compose_cfg
+from slimpajama.data import corpus as corpus_module
 from slimpajama.data.corpus import MANIFEST, MarkovCorpus, TextCorpus, is_val
 from slimpajama.data.datamodule import SlimPajamaDataModule
 from slimpajama.data.markov import MarkovChain
 from slimpajama.data.reader import CorpusError, read_corpus, write_jsonl_zst
+from slimpajama.data.tasks import read_examples
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
 # LitData's TokensLoader reads read-only chunk buffers; harmless here
@@ -301,6 +309,22 @@ def test_a_validation_source_under_one_block_is_named_in_a_warning(prepared, cap
     assert "val/loss leaves out sources" in caplog.text and repr(small) in caplog.text
 
 
+def test_a_source_without_validation_documents_is_named_in_a_warning(tmp_path, monkeypatch, prepared, caplog):
+    no_spawn(monkeypatch)
+    data = tmp_path / "corpus"
+    shutil.copytree(prepared.corpus_dir, data)
+    texts = [t for t in (f"rare document {i} " + "ka lo mi re su " * 12 for i in range(40)) if not is_val(t, 0.1)][:3]
+    (data / "rare").mkdir()
+    write_jsonl_zst(str(data / "rare" / "part-0.jsonl.zst"), [(t, "rare") for t in texts])
+    corpus = text_corpus([data], tokenizer_path=str(prepared.root / "tokenizer"))
+    dm = datamodule(corpus, tmp_path / "cache")
+    dm.prepare_data()
+    dm.setup()
+    assert "rare" in dm.prepared.tokens("train") and "rare" not in dm.prepared.tokens("val")
+    dm.val_dataloader()
+    assert "val/loss leaves out sources" in caplog.text and "{'rare': 0}" in caplog.text
+
+
 @pytest.mark.parametrize("stops", [(0, 0), (1, 0), (4, 2)])
 def test_a_checkpointed_loader_resumes_with_the_next_unseen_batch(prepared, stops):
     """Checkpoints after `stops` trained batches, one run resumed from the other, each with one batch
@@ -328,6 +352,35 @@ def test_a_checkpointed_loader_resumes_with_the_next_unseen_batch(prepared, stop
     trained += list(last)
     assert len(trained) == len(reference)
     assert all(torch.equal(a, b) for a, b in zip(trained, reference))
+
+
+def test_resuming_with_other_data_settings_raises_naming_the_key(prepared):
+    """Lightning gives the data module its checkpointed state before the loader's position: a changed mix
+    used to fail inside LitData ("The provided state doesn't match the current number of datasets")."""
+    def loaded(state, **kwargs):
+        settings = {"seq_len": SEQ_LEN, "batch_size": BATCH, "weights": {"alpha": 1, "beta": 1, "gamma": 1}, **kwargs}
+        dm = SlimPajamaDataModule(prepared.corpus, cache_dir=str(prepared.cache), progress=False, **settings)
+        dm.setup()
+        dm.load_state_dict(state)
+        return dm
+
+    dm = datamodule(prepared.corpus, prepared.cache, weights={"alpha": 1, "beta": 1, "gamma": 1})
+    assert dm.state_dict() == {}  # before setup there is no mix to save
+    dm.setup()
+    state = dm.state_dict()
+    loaded(state)
+    loaded(state, weights={"alpha": 2, "beta": 2, "gamma": 2})  # the same mix
+    loaded({})  # a checkpoint of an older version: nothing to check
+    with pytest.raises(ValueError, match=r"data.weights \(the training mix was alpha 33.3%, beta 33.3%, gamma "
+                                         r"33.3%, now alpha 50.0%, gamma 50.0%\)") as excinfo:
+        loaded(state, weights={"alpha": 1, "beta": 0, "gamma": 1})
+    assert "Resume with the original data settings, or start a new run" in str(excinfo.value)
+    with pytest.raises(ValueError, match=r"data.weights \(the training mix was .*now alpha 25.0%"):
+        loaded(state, weights={"alpha": 1, "beta": 1, "gamma": 2})
+    with pytest.raises(ValueError, match=r"other data settings: data.batch_size \(was 8, now 4\)\."):
+        loaded(state, batch_size=4)
+    with pytest.raises(ValueError, match=r"data.seq_len \(was 32, now 16\); data.batch_size \(was 8, now 2\)"):
+        loaded(state, seq_len=16, batch_size=2)
 
 
 def test_the_tokenizer_sample_takes_an_even_share_of_every_source_in_a_shared_folder(tmp_path, monkeypatch):
@@ -492,7 +545,37 @@ def test_empty_corpus_raises(tmp_path):
     dm = datamodule(text_corpus([tmp_path / "src"]), tmp_path / "cache")
     with pytest.raises(CorpusError, match="no training documents"):
         dm.prepare_data()
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob(f"*/{MANIFEST}"))
+    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # no build folder left
+
+
+def test_a_failed_build_leaves_no_folder_and_a_later_build_removes_stale_ones(tmp_path, monkeypatch):
+    corpus = MarkovCorpus(n_states=4, train_tokens=256 * 8, val_tokens=256 * 2)
+    cache = tmp_path / "cache"
+    write_tokens = corpus_module.write_tokens
+
+    def disk_full(directory, arrays, **kwargs):
+        if directory.parent.name == "val":  # the training tokens are written: the folder is half built
+            raise OSError(28, "No space left on device")
+        return write_tokens(directory, arrays, **kwargs)
+
+    monkeypatch.setattr(corpus_module, "write_tokens", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        corpus.prepare(str(cache), progress=False)
+    assert os.listdir(cache) == []
+    monkeypatch.undo()
+    # folders of killed builds: this host's with a pid that has ended, and one named by the pid alone (older
+    # versions) are removed; a live process's, and another host's (it may be building there), are kept
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive, host = int(ended.stdout), os.getppid(), socket.gethostname()
+    name = corpus.root(str(cache)).name
+    stale = [f"{name}.tmp-{host}-{dead}", f"{name}.tmp-{dead}"]
+    kept = [f"{name}.tmp-{host}-{alive}", f"{name}.tmp-{alive}", f"{name}.tmp-other-host-{dead}",
+            f"{MarkovCorpus(n_states=5).root(str(cache)).name}.tmp-{host}-{dead}"]  # another corpus: its own build
+    for folder in stale + kept:
+        (cache / folder / "tokens").mkdir(parents=True)
+    prepared = corpus.prepare(str(cache), progress=False)
+    assert prepared.tokens("train") == {"markov": 256 * 8}
+    assert sorted(os.listdir(cache)) == sorted([name] + kept)
 
 
 def test_empty_corpus_with_a_given_tokenizer_raises(tmp_path, monkeypatch, prepared):
@@ -515,6 +598,39 @@ def test_corpus_argument_errors(tmp_path):
         TextCorpus([str(tmp_path)], on_bad_record="drop")
     with pytest.raises(CorpusError, match="does not exist"):
         TextCorpus([str(tmp_path / "missing")]).root(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weights": [1, 2, 3]}, r"data.weights must map each source to its weight .* got \[1, 2, 3\]"),
+    ({"weights": 1}, "data.weights must map each source to its weight"),
+    ({"batch_size": 0}, "data.batch_size must be a whole number >= 1, got 0"),
+    ({"batch_size": -1}, "data.batch_size must be a whole number >= 1, got -1"),
+    ({"batch_size": 2.5}, "data.batch_size must be a whole number >= 1, got 2.5"),
+    ({"batch_size": True}, "data.batch_size must be a whole number >= 1, got True"),
+    ({"seq_len": "abc"}, "data.seq_len must be a whole number >= 1, got 'abc'"),
+    ({"seq_len": 0}, "data.seq_len must be a whole number >= 1, got 0"),
+    ({"val_batch_size": 0.5}, "data.val_batch_size must be a whole number >= 1, got 0.5"),
+])
+def test_data_settings_of_the_wrong_type_raise_naming_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SlimPajamaDataModule(corpus=None, **kwargs)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.weights=[1,2,3]", "data.weights must map each source to its weight"),
+    ("data.weights=1", "data.weights must map each source to its weight"),
+    ("data.batch_size=2.5", "data.batch_size must be a whole number >= 1, got 2.5"),
+    ("data.seq_len=abc", "data.seq_len must be a whole number >= 1, got 'abc'"),
+    ("data.val_fraction=abc", r"data.val_fraction must be a number in \(0, 1\), got 'abc'"),
+])
+def test_config_values_of_the_wrong_type_raise_before_any_corpus_work(override, message, tmp_path, corpus_dir):
+    cfg = compose_cfg(TINY + [f"data.paths=[{corpus_dir}]", override], tmp_path)
+    with pytest.raises(InstantiationException, match=message):
+        instantiate(cfg.data.module)
+    assert not (tmp_path / "data").exists()
+    # the right types still instantiate, weights from the config's mapping too
+    cfg = compose_cfg(TINY + [f"data.paths=[{corpus_dir}]", "data.weights={alpha: 1, beta: 1, gamma: 2}"], tmp_path)
+    assert instantiate(cfg.data.module).weights == {"alpha": 1, "beta": 1, "gamma": 2}
 
 
 def test_skip_bad_records_when_preparing(tmp_path, monkeypatch, prepared):
@@ -541,6 +657,18 @@ def test_non_ascii_cache_dir(tmp_path, monkeypatch, prepared):
     p = corpus.prepare(str(cache), progress=False)
     assert (p.root / p.manifest["tokenizer_dir"]).is_dir()
     assert p.tokenizer.vocab_size == 384
+
+
+def test_a_task_file_with_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    good = json.dumps({"control": "<|x|>", "input": "a", "output": "b"}).encode()
+    path.write_bytes(good + b"\n\n" + b'{"input": "caf\xe9", "output": "latin-1"}\n' + good + b"\n")
+    with pytest.raises(CorpusError, match="invalid UTF-8") as excinfo:
+        read_examples(path)
+    assert f"{path}:3:" in str(excinfo.value)
+    path.write_bytes(good + b"\r\n\n" + '{"output": "中文"}\n'.encode())  # CRLF, blank lines and UTF-8 still read
+    assert read_examples(path) == [{"control": "<|x|>", "input": "a", "output": "b"},
+                                   {"control": "", "input": "", "output": "中文"}]
 
 
 # ----------------------------------------------------------------------------- markov

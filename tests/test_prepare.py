@@ -193,6 +193,39 @@ def test_bad_input_errors_naming_file_and_line_or_is_skipped_and_counted(tmp_pat
         prep(bands=20, rows=13)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("threshold", "high"), ("threshold", 0), ("threshold", 1.5), ("threshold", float("nan")), ("threshold", True),
+    ("min_chars", "abc"), ("min_chars", -1), ("min_chars", 2.5), ("num_perm", 2.5), ("num_perm", 1),
+    ("num_perm", "128"), ("ngram", 0), ("ngram", 1.0), ("ngram", False), ("seed", -1), ("seed", 2**32),
+    ("seed", "1"), ("num_workers", -1), ("num_workers", 1.5), ("num_workers", True), ("compression_level", 99),
+    ("compression_level", 23), ("compression_level", -(1 << 17) - 1), ("compression_level", 3.0),
+    ("compression_level", "3"), ("lsh_weights", 0.5), ("lsh_weights", ["a", "b"]), ("lsh_weights", [0.5, 0.6]),
+    ("lsh_weights", [float("nan"), 0.5]), ("lsh_weights", [False, True]),
+])
+def test_invalid_setting_errors_naming_the_key_before_reading(key, value):
+    with pytest.raises(ValueError, match=rf"^prepare\.{key}: "):
+        prep(**{key: value})
+
+
+@pytest.mark.parametrize("bands, rows, key", [(2.5, 4, "bands"), (8, "4", "rows"), (8, 0, "rows"), (1, 4, "bands")])
+def test_invalid_bands_rows_error_naming_the_key(bands, rows, key):
+    with pytest.raises(ValueError, match=rf"^prepare\.{key}: "):
+        prep(bands=bands, rows=rows)
+
+
+def test_edge_settings_are_valid():
+    # an int where a float is expected, zstd's negative (fast) levels down to -131072 and up to 22
+    p = prep(threshold=1, lsh_weights=[0, 1], compression_level=-(1 << 17), num_workers=None)
+    assert (p.threshold, p.lsh_weights) == (1, (0.0, 1.0))
+    assert prep(compression_level=22, seed=2**32 - 1, bands=8, rows=16).compression_level == 22
+
+
+def test_empty_input_errors_naming_the_input_key(tmp_path):
+    with pytest.raises(CorpusError, match=r"^input=\[\]: "):
+        prep().run([], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------ the Hydra app
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
@@ -208,6 +241,14 @@ def test_prepare_config_composes_with_slimpajama_defaults(tmp_path):
     p = instantiate(cfg.prepare)
     assert isinstance(p, CorpusPreparer)
     assert (p.min_chars, p.ngram, p.ngram_unit, p.num_perm, p.threshold) == (200, 13, "char", 128, 0.7)
+
+
+@pytest.mark.parametrize("override", ["prepare.threshold=high", "prepare.min_chars=abc", "prepare.num_perm=2.5",
+                                      "prepare.compression_level=99", "prepare.lsh_weights=[a,b]"])
+def test_invalid_override_errors_naming_the_key(tmp_path, override):
+    cfg = _compose([f"input=[{tmp_path}]", f"output={tmp_path / 'out'}", override])
+    with pytest.raises(Exception, match=rf"{override.split('=')[0]}: "):  # Hydra wraps the ValueError
+        instantiate(cfg.prepare)
 
 
 @pytest.mark.slow

@@ -426,6 +426,25 @@ def test_a_vocabulary_mismatch_is_a_clear_error(teacher, tmp_path, corpus_dir):
         prune_run(teacher, [f"stage.module.init_from={other}", "debug=fdr"], tmp_path, corpus_dir)
 
 
+def test_a_model_shorter_than_the_data_is_an_error_naming_data_seq_len(teacher, tmp_path, corpus_dir):
+    """A folder's own max_seq_len (16) against data.seq_len=32: prune and pretrain with init_from name
+    the key and the folder, before any pruning or training."""
+    import dataclasses
+
+    from conftest import TINY
+
+    dense = SlimPajamaModel.from_pretrained(teacher / "logs" / "latest" / "pretrain" / "model")
+    short = tmp_path / "short"
+    SlimPajamaModel(dataclasses.replace(dense.config, max_seq_len=16)).save_pretrained(short)
+    match = f"data.seq_len=32 exceeds the max_position_embeddings=16 of {short / 'config.json'}"
+    with pytest.raises(ValueError, match=match):
+        prune_run(teacher, [f"stage.module.init_from={short}", "debug=fdr"], tmp_path / "prune", corpus_dir)
+    cfg = compose_cfg(TINY + [f"data.paths=[{corpus_dir}]", f"stage.module.init_from={short}", "trainer.max_steps=2"],
+                      tmp_path / "pretrain", teacher / "data", output_dir=tmp_path / "pretrain" / "run")
+    with pytest.raises(ValueError, match=match):
+        run(cfg)
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 
@@ -438,10 +457,13 @@ def fake_multirun(folder: Path) -> Path:
         (job / "metrics.json").write_text(json.dumps({"val/ppl": ppl, "prune/sparsity": s, "prune/ppl_dense": 10.0}))
     (folder / "4" / ".hydra").mkdir(parents=True)  # a failed job: overrides but no metrics
     (folder / "4" / ".hydra" / "overrides.yaml").write_text("- prune.method=wanda\n- prune.sparsity=0.7\n")
+    (folder / "5" / ".hydra").mkdir(parents=True)  # a job killed while writing metrics.json: skipped, named
+    (folder / "5" / ".hydra" / "overrides.yaml").write_text("- prune.method=wanda\n- prune.sparsity=0.9\n")
+    (folder / "5" / "metrics.json").write_text('{"val/ppl": 1')
     return folder
 
 
-def test_collector_writes_a_table_and_a_plot(tmp_path):
+def test_collector_writes_a_table_and_a_plot(tmp_path, caplog):
     import sys
 
     from conftest import ROOT
@@ -450,7 +472,9 @@ def test_collector_writes_a_table_and_a_plot(tmp_path):
     import collect_sweep
 
     folder = fake_multirun(tmp_path / "multirun")
-    assert collect_sweep.main([str(folder)]) == 0
+    with caplog.at_level("WARNING", logger="slimpajama.sweep"):
+        assert collect_sweep.main([str(folder)]) == 0
+    assert f"{folder / '5'}: unreadable metrics.json" in caplog.text and f"{folder / '4'}: no metrics.json" in caplog.text
     md = (folder / "sweep.md").read_text().splitlines()
     assert md[0].startswith("| prune.method | prune.sparsity | val/ppl") and len(md) == 2 + 4
     assert "| wanda | 0.5 | 22 |" in md[-1]

@@ -115,11 +115,19 @@ def test_jsonl_zst_frame_boundary_inside_a_line_and_any_read_size(tmp_path):
     assert [(d.text, d.source) for d in read_file(str(path))] == docs
 
 
-def test_empty_zst_file_has_no_documents(tmp_path):
+def test_compressed_empty_input_has_no_documents_and_a_0_byte_zst_file_raises(tmp_path):
     path = tmp_path / "s" / "empty.jsonl.zst"
     path.parent.mkdir()
-    path.write_bytes(b"")
+    path.write_bytes(zstandard.ZstdCompressor().compress(b""))  # a frame header, no content
     assert list(read_file(str(path))) == []
+    write_jsonl_zst(str(path), [])
+    assert list(read_file(str(path))) == []
+    # a 0-byte file is no zstd stream (a copy cut short, a failed download): its source would vanish
+    path.write_bytes(b"")
+    for on_bad_record in ("error", "skip"):
+        with pytest.raises(CorpusError, match="empty file, not a zstd stream") as excinfo:
+            list(read_corpus([str(tmp_path)], on_bad_record=on_bad_record))
+        assert str(path) in str(excinfo.value)
 
 
 def test_txt_is_one_document_from_its_folder(tmp_path):
@@ -208,10 +216,11 @@ BAD_LINES = {
     "source_escapes": (record("x", "../../outside").encode(), "not a plain folder name"),
     "source_with_slash": (record("x", "a/b").encode(), "not a plain folder name"),
     "source_not_string": (json.dumps({"text": "x", "meta": {"redpajama_set_name": 7}}).encode(), "is not a string"),
+    "source_too_long": (record("x", "x" * 300).encode(), "is 300 bytes long in UTF-8: at most 200"),
 }
 REASON = {"text_not_string": "no_text", "text_null": "no_text", "not_an_object": "no_text",
           "lone_surrogate": "invalid_utf8", "source_escapes": "bad_source", "source_with_slash": "bad_source",
-          "source_not_string": "bad_source"}
+          "source_not_string": "bad_source", "source_too_long": "bad_source"}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
@@ -234,6 +243,20 @@ def test_bad_record_skipped_and_counted(tmp_path, case, suffix):
     assert [(d.text, d.line) for d in docs] == [("good one", 1), ("good two", 2), ("good four", 4)]
     assert stats.documents == 3
     assert stats.skipped == {REASON.get(case, case): 1}
+
+
+def test_source_names_up_to_200_bytes_are_read(tmp_path):
+    """The limit is in UTF-8 bytes, as file systems count a folder name (255 at most)."""
+    path = tmp_path / "s" / "names.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join([record("a", "x" * 200), record("b", "中" * 66), record("c", "中" * 67)]) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(CorpusError, match="is 201 bytes long") as excinfo:
+        list(read_file(str(path)))
+    assert f"{path}:3:" in str(excinfo.value)
+    assert [(d.text, d.source) for d in read_file(str(path), on_bad_record="skip")] == [
+        ("a", "x" * 200), ("b", "中" * 66)
+    ]
 
 
 def test_skip_counts_every_reason_across_files(tmp_path):
@@ -386,6 +409,22 @@ def test_write_jsonl_zst_overwrites_atomically(tmp_path):
     assert write_jsonl_zst(path, [("new", "B")]) == 1
     assert [(d.text, d.source) for d in read_file(path)] == [("new", "B")]
     assert os.listdir(tmp_path) == ["p.jsonl.zst"]
+
+
+def test_write_jsonl_zst_failure_leaves_no_temporary_file_and_keeps_the_old_file(tmp_path):
+    path = str(tmp_path / "p.jsonl.zst")
+    write_jsonl_zst(path, [("old", "A")])
+    with pytest.raises(ValueError, match="level"):
+        write_jsonl_zst(path, [("new", "B")], level=100)
+
+    def documents():
+        yield "new", "B"
+        raise RuntimeError("the input ended badly")
+
+    with pytest.raises(RuntimeError, match="ended badly"):
+        write_jsonl_zst(path, documents())
+    assert os.listdir(tmp_path) == ["p.jsonl.zst"]
+    assert [(d.text, d.source) for d in read_file(path)] == [("old", "A")]
 
 
 def test_conftest_corpus_sources(corpus_dir):

@@ -327,3 +327,14 @@ def test_the_after_training_sample_draws_num_samples_or_one_greedy_text(tok, cap
     with caplog.at_level("INFO", logger="slimpajama.pipeline"):
         _sample(cfg, model, tok, loggers=[])
     assert caplog.text.count("sample (temperature") == n
+
+
+@pytest.mark.parametrize("key, value, match", [("temperature", -1, "sample.temperature=-1"),
+                                               ("top_k", 2.5, "sample.top_k=2.5"),
+                                               ("num_samples", 0, "sample.num_samples=0"),
+                                               ("max_new_tokens", -4, "sample.max_new_tokens=-4")])
+def test_a_bad_sample_setting_is_an_error_before_training_and_publishes_nothing(tiny_overrides, tmp_path, key, value,
+                                                                                match):
+    with pytest.raises(ValueError, match=match):
+        train(tiny_overrides + ["trainer.max_steps=2", f"sample.{key}={value}"], tmp_path)
+    assert not (tmp_path / "logs" / "latest").exists() and not list(tmp_path.glob("logs/pretrain/runs/*/metrics.json"))

@@ -22,7 +22,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimpajama.checkpointing import RunIdentity, logger_ids
+from slimpajama.checks import is_finite_number
 from slimpajama.fsdp import full_model
+from slimpajama.pretrained import write_together
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
     _write_metrics(out, metrics)
+    if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
+        _sample(cfg, model, tokenizer, loggers)  # before the link: a run that fails here is not published
     link = latest_link(cfg, cfg.task_name)
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(link.name + f".tmp-{os.getpid()}")
@@ -117,8 +121,25 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     if cfg.get("model_artifact"):
         log_model_artifact(loggers, model_dir, f"{cfg.task_name}-model", metrics)
 
-    if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
-        _sample(cfg, model, tokenizer, loggers)
+
+def check_sample(sample: Optional[DictConfig]) -> None:
+    """The after-training sample's settings, before any training: a bad one would fail the run at its end."""
+    if not sample:
+        return
+    n = sample.get("max_new_tokens", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"sample.max_new_tokens={n!r} must be a whole number >= 0 (0: no sample)")
+    if n == 0:
+        return
+    t, k, count = sample.get("temperature"), sample.get("top_k"), sample.get("num_samples", 1)
+    if t is not None and (not is_finite_number(t) or t < 0):
+        raise ValueError(f"sample.temperature={t!r} must be a finite number >= 0, or null (greedy with top_k null)")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ValueError(f"sample.top_k={k!r} must be a whole number >= 0 (0: the whole vocabulary), or null")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"sample.num_samples={count!r} must be a whole number >= 1")
+    if not isinstance(sample.get("prompt"), str):
+        raise ValueError(f"sample.prompt={sample.get('prompt')!r} must be text")
 
 
 def _sample(cfg: DictConfig, model, tokenizer, loggers) -> None:
@@ -163,6 +184,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls 3-6x once weights get small
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
+    check_sample(cfg.get("sample"))
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
         _continue_logger_runs(cfg, ckpt_path)
@@ -211,5 +233,6 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
 @rank_zero_only
 def _write_metrics(out: Path, metrics: dict) -> None:
+    """metrics.json, written whole or not at all (a temporary file renamed), for the sweep collector."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_together({out / "metrics.json": lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")})

@@ -31,7 +31,7 @@ def _value(text: str):
 
 def collect(folder: str | Path, keys: Sequence[str] = ()) -> list[dict]:
     """One row per finished job of a multirun folder: its overrides (key -> value) and metrics.
-    Jobs without metrics.json (failed or running) are skipped with a warning. `keys`: config keys a
+    Jobs without a readable metrics.json (failed or running) are skipped with a warning. `keys`: config keys a
     job did not override (e.g. `prune.sparsity` at its default) are read from its `.hydra/config.yaml`."""
     folder = Path(folder)
     jobs = sorted((p for p in folder.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
@@ -48,7 +48,12 @@ def collect(folder: str | Path, keys: Sequence[str] = ()) -> list[dict]:
         for o in overrides:
             key, _, value = o.partition("=")
             row[key.lstrip("+~")] = _value(value)
-        row.update(json.loads((job / "metrics.json").read_text()))
+        try:
+            metrics = json.loads((job / "metrics.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a job killed mid-write by an older version
+            log.warning("%s: unreadable metrics.json (%s), skipped", job, e)
+            continue
+        row.update(metrics)
         unset = [k for k in keys if k not in row and "/" not in k]
         if unset and (job / ".hydra" / "config.yaml").is_file():
             from omegaconf import OmegaConf
@@ -57,7 +62,7 @@ def collect(folder: str | Path, keys: Sequence[str] = ()) -> list[dict]:
             row.update({k: v for k in unset if (v := OmegaConf.select(config, k)) is not None})
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"{folder}: none of its {len(jobs)} jobs has a metrics.json")
+        raise FileNotFoundError(f"{folder}: none of its {len(jobs)} jobs has a readable metrics.json")
     return rows
 
 

@@ -13,6 +13,7 @@ store (`s3://...`), which is why LitGPT and TinyLlama use it for SlimPajama.
 
 import concurrent.futures as cf
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -20,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import socket
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from slimpajama.checks import is_finite_number
 from slimpajama.data.reader import CorpusError, ReadStats, read_file, resolve_paths
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
@@ -94,6 +97,30 @@ class PreparedCorpus:
         return SlimPajamaTokenizer.from_pretrained(self.root / t) if t else None
 
 
+def _remove_stale_builds(root: Path) -> None:
+    """Remove the build folders `<root>.tmp-<host>-<pid>` of this host whose process has ended (a build
+    that was killed). Another host's folders may belong to a build running there (a cache shared by the
+    nodes of a job), so they are kept; so are folders named by a pid alone, unless that pid has ended here."""
+    host = socket.gethostname()
+    for tmp in root.parent.glob(glob.escape(root.name) + ".tmp-*"):
+        owner = tmp.name[len(root.name) + len(".tmp-"):]
+        tmp_host, _, pid = owner.rpartition("-")
+        if tmp_host not in (host, "") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing %s, left by a build that did not finish", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class _Corpus:
     """Shared cache handling: subclasses define `key()` and `_build(root, progress)`."""
 
@@ -111,13 +138,18 @@ class _Corpus:
         root = self.root(cache_dir)
         if (root / MANIFEST).is_file():
             return self.load(cache_dir)
-        tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+        _remove_stale_builds(root)
+        tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        manifest = {"format_version": FORMAT_VERSION, **self._build(tmp, progress)}  # paths relative to root
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
+        try:
+            manifest = {"format_version": FORMAT_VERSION, **self._build(tmp, progress)}  # paths relative to root
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+        except BaseException:  # a failed build leaves no folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         log.info("prepared corpus in %s", root)
         return PreparedCorpus(root, manifest)
 
@@ -224,8 +256,8 @@ class TextCorpus(_Corpus):
             paths = [paths]
         if not paths:
             raise CorpusError("data.paths is empty: give files, folders or globs of *.jsonl, *.jsonl.zst, *.txt")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if not is_finite_number(val_fraction) or not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be a number in (0, 1), got {val_fraction!r}")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.paths, self.vocab_size, self.control_tokens = list(paths), vocab_size, list(control_tokens)

@@ -15,7 +15,9 @@ resume says so in a warning.
 """
 
 import logging
+import math
 from collections import deque
+from collections.abc import Mapping
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -107,6 +109,14 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         return state
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _mix(weights: dict[str, float]) -> str:
+    return ", ".join(f"{s} {w:.1%}" for s, w in weights.items())
+
+
 def _detached(state: dict[str, Any]) -> dict[str, Any]:
     """`state` with dataset parts of its own. A resumed StreamingDataset returns (and updates) one and the
     same dict from every `state_dict()` call, so a snapshot kept as it is would move on with the loader."""
@@ -140,6 +150,12 @@ class SlimPajamaDataModule(L.LightningDataModule):
         copy of a `cache_dir/<key>` folder) instead of preparing `corpus` locally; chunks are cached
         under stream_cache_dir (default `<cache_dir>/stream`) as they are read."""
         super().__init__()
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if not (value is None and key == "val_batch_size") and not _is_positive_int(value):
+                raise ValueError(f"data.{key} must be a whole number >= 1, got {value!r}")
+        if weights is not None and not isinstance(weights, Mapping):
+            raise ValueError(f"data.weights must map each source to its weight ({{source: weight, ...}}) or be "
+                             f"null (to mix by token counts), got {weights!r}")
         self.corpus = corpus
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -171,6 +187,32 @@ class SlimPajamaDataModule(L.LightningDataModule):
         self.train_weights = self._resolve_weights(self.prepared.tokens("train"), set(self.prepared.tokens("val")))
         for name, value in self.prepared.metrics.items():
             log.info("%s = %.4f", name, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        # what the training loader's position in a checkpoint depends on (Lightning stores it beside)
+        return {"resume_settings": self._resume_settings()} if self.train_weights else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume training from a checkpoint saved with other data settings: LitData cannot
+        restore the loader's position under another mix (it fails, or resumes at a wrong position)."""
+        saved = state_dict.get("resume_settings")
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if saved is None or not fitting or not self.train_weights:
+            return
+        now = self._resume_settings()
+        changed = []
+        if saved["weights"].keys() != now["weights"].keys() or not all(
+            math.isclose(saved["weights"][s], w, rel_tol=1e-9) for s, w in now["weights"].items()
+        ):
+            changed.append(f"data.weights (the training mix was {_mix(saved['weights'])}, now {_mix(now['weights'])})")
+        changed += [f"data.{key} (was {saved[key]}, now {now[key]})" for key in ("seq_len", "batch_size")
+                    if saved[key] != now[key]]
+        if changed:
+            raise ValueError(f"the checkpoint was saved with other data settings: {'; '.join(changed)}. Resume "
+                             "with the original data settings, or start a new run (without ckpt_path)")
+
+    def _resume_settings(self) -> dict[str, Any]:
+        return {"weights": dict(self.train_weights), "seq_len": self.seq_len, "batch_size": self.batch_size}
 
     @property
     def tokenizer(self):
@@ -252,7 +294,8 @@ class SlimPajamaDataModule(L.LightningDataModule):
         block = self.seq_len + 1
         tokens = self.prepared.tokens("val")
         dirs = {s: d for s, d in self.prepared.dirs("val").items() if tokens[s] >= block}
-        left_out = {s: n for s, n in tokens.items() if n < block}
+        sources = sorted(set(tokens) | set(self.prepared.tokens("train")))  # a source may have no validation tokens
+        left_out = {s: tokens.get(s, 0) for s in sources if tokens.get(s, 0) < block}
         if left_out and dirs:
             log.warning("val/loss leaves out sources with fewer validation tokens than one block of "
                         "data.seq_len + 1 = %d: %s (raise data.val_fraction to include them)", block, left_out)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import numbers
 import os
 import re
 import string
@@ -44,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from slimpajama.data.reader import SUFFIXES, CorpusError, ReadStats, read_file, resolve_paths, write_jsonl_zst
 
@@ -53,6 +55,8 @@ KEPT, SHORT, EXACT, NEAR = 0, 1, 2, 3  # the status of a document after the inde
 STATE_DIR = ".prepare"  # under the output folder: shards, write markers (resume state)
 SHARD_VERSION = 1
 _BATCH = 8192  # shingles per MinHash.update_batch call: bounds its (batch, num_perm) temporary to 4 MB
+# zstd's ZSTD_minCLevel() (-(1 << 17)); zstandard does not export it and clamps lower levels to it silently
+MIN_COMPRESSION_LEVEL = -(1 << 17)
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _WHITESPACE = re.compile(r"\s+")
@@ -364,7 +368,8 @@ class CorpusPreparer:
         verify: a candidate counts only if the signatures' estimated Jaccard is >= threshold.
         num_workers: processes for the sketch and write passes; null: all CPUs; 0: in this process.
         on_bad_record: error | skip, as the reader.
-        compression_level: zstd level of the output.
+        compression_level: zstd level of the output, from MIN_COMPRESSION_LEVEL (-131072, fastest) to
+            zstandard.MAX_COMPRESSION_LEVEL (22); 0 is zstd's default (3).
         progress: show a progress bar.
     """
 
@@ -376,25 +381,43 @@ class CorpusPreparer:
         def bad(key: str, why: str):
             raise ValueError(f"prepare.{key}: {why}")
 
+        def real(value) -> bool:  # bool is an int subclass, but not a number here
+            return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+        def integer(key: str, value, low: int, high: int | None = None) -> None:
+            if not real(value) or not isinstance(value, numbers.Integral):
+                bad(key, f"must be an integer, got {value!r}")
+            if value < low or (high is not None and value > high):
+                bad(key, f"must be >= {low}, got {value}" if high is None else
+                    f"must be in [{low}, {high}], got {value}")
+
         if ngram_unit not in ("char", "word"):
             bad("ngram_unit", f"must be 'char' or 'word', got {ngram_unit!r}")
-        if ngram < 1:
-            bad("ngram", f"must be >= 1, got {ngram}")
-        if num_perm < 2:
-            bad("num_perm", f"must be >= 2, got {num_perm}")
-        if not 0.0 < threshold <= 1.0:
-            bad("threshold", f"must be in (0, 1], got {threshold}")
+        integer("ngram", ngram, 1)
+        integer("num_perm", num_perm, 2)
+        integer("seed", seed, 0, 2**32 - 1)  # datasketch's range
+        if not real(threshold) or not 0.0 < threshold <= 1.0:  # also rejects NaN
+            bad("threshold", f"must be a number in (0, 1], got {threshold!r}")
         if (bands is None) != (rows is None):
             bad("bands", "set both prepare.bands and prepare.rows, or neither")
-        if bands is not None and (bands < 2 or rows < 1 or bands * rows > num_perm):
-            bad("bands", f"bands >= 2, rows >= 1 and bands * rows <= num_perm ({num_perm}); got {bands} x {rows}")
-        weights = tuple(float(w) for w in lsh_weights)
-        if len(weights) != 2 or min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-9:
-            bad("lsh_weights", f"two non-negative weights that sum to 1, got {list(lsh_weights)}")
+        if bands is not None:
+            integer("bands", bands, 2)
+            integer("rows", rows, 1)
+            if bands * rows > num_perm:
+                bad("bands", f"bands * rows must be <= num_perm ({num_perm}); got {bands} x {rows}")
+        try:
+            weights = tuple(lsh_weights)
+        except TypeError:
+            weights = ()
+        if len(weights) != 2 or not all(real(w) and w >= 0 for w in weights) or not abs(sum(weights) - 1.0) <= 1e-9:
+            bad("lsh_weights", f"two non-negative weights that sum to 1, got {lsh_weights!r}")
+        weights = tuple(float(w) for w in weights)
+        if num_workers is not None:
+            integer("num_workers", num_workers, 0)
         if on_bad_record not in ("error", "skip"):
             bad("on_bad_record", f"must be 'error' or 'skip', got {on_bad_record!r}")
-        if min_chars < 0:
-            bad("min_chars", f"must be >= 0, got {min_chars}")
+        integer("min_chars", min_chars, 0)
+        integer("compression_level", compression_level, MIN_COMPRESSION_LEVEL, zstandard.MAX_COMPRESSION_LEVEL)
         self.min_chars, self.exact_dedup, self.near_dedup = min_chars, exact_dedup, near_dedup
         self.ngram, self.ngram_unit, self.num_perm, self.seed = ngram, ngram_unit, num_perm, seed
         self.threshold, self.bands, self.rows = threshold, bands, rows
@@ -410,6 +433,8 @@ class CorpusPreparer:
 
     def run(self, inputs: Iterable[str] | str, output: str) -> PrepareStats:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+        if not inputs:
+            raise CorpusError("input=[]: give at least one file, folder or glob of corpus files")
         files = resolve_paths(inputs)
         output = os.path.abspath(os.path.expanduser(str(output)))
         inside = [f for f in files if f == output or f.startswith(output + os.sep)]

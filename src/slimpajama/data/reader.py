@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Optional
 import zstandard
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
+MAX_SOURCE_BYTES = 200  # a source names folders (`tokens/train/<source>`, `train-<source>`): 255 bytes at most
 
 
 class CorpusError(ValueError):
@@ -48,6 +49,9 @@ def source_problem(source) -> Optional[str]:
         return f"the source name {source!r} is not a string"
     if source in (".", "..") or any(c in source for c in "/\\\0"):
         return f"the source name {source!r} is not a plain folder name (no '/', '\\', NUL, '.' or '..')"
+    if (n := len(source.encode("utf-8", "surrogatepass"))) > MAX_SOURCE_BYTES:
+        return (f"the source name {source[:40]!r}... is {n} bytes long in UTF-8: at most {MAX_SOURCE_BYTES} "
+                "fit a folder name")
     return None
 
 
@@ -83,14 +87,16 @@ def resolve_paths(paths: Iterable[str]) -> list[str]:
 
 
 def _zst_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Decompress a (possibly multi-frame) .zst file; a truncated last frame raises CorpusError."""
+    """Decompress a (possibly multi-frame) .zst file; an empty file or a truncated last frame raises CorpusError."""
     with open(path, "rb") as f:
         dec = zstandard.ZstdDecompressor().decompressobj()
         seen_input = False
+        empty = True
         while True:
             block = f.read(chunk_size)
             if not block:
                 break
+            empty = False
             seen_input = True
             while block:
                 try:
@@ -105,6 +111,8 @@ def _zst_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
                     dec = zstandard.ZstdDecompressor().decompressobj()
                     if not block:
                         seen_input = False
+        if empty:  # even an empty input compresses to a frame header: this file was never written whole
+            raise CorpusError(f"{path}: empty file, not a zstd stream (a compressed empty file still has a frame)")
         if seen_input and not dec.eof:
             raise CorpusError(f"{path}: truncated zstd stream (the file ends inside a frame)")
 
@@ -214,10 +222,14 @@ def write_jsonl_zst(path: str, documents: Iterable[tuple[str, str]], level: int 
     """Write (text, source) pairs in SlimPajama's format; returns the number of documents."""
     n = 0
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f, zstandard.ZstdCompressor(level=level).stream_writer(f) as z:
-        for text, source in documents:
-            record = {"text": text, "meta": {"redpajama_set_name": source}}
-            z.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            n += 1
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f, zstandard.ZstdCompressor(level=level).stream_writer(f) as z:
+            for text, source in documents:
+                record = {"text": text, "meta": {"redpajama_set_name": source}}
+                z.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:  # no half-written file left behind; `path` keeps what it held
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return n

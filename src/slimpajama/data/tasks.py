@@ -61,8 +61,12 @@ class TaskSet:
 def read_examples(path: Path) -> list[dict]:
     """Examples of a jsonl file in the task format; a bad line is an error naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -1,6 +1,7 @@
 """Language modelling (pretraining): next-token cross-entropy on packed token blocks."""
 
 import logging
+from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
@@ -42,6 +43,15 @@ class LanguageModelModule(FusedOptimizerClipping, L.LightningModule):
         else:
             self.model = SlimPajamaModel(model)
         self.val_loss = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """A model from init_from keeps its own max_seq_len (config.json), which the data must fit."""
+        seq_len = getattr(self.trainer.datamodule, "seq_len", None)
+        init_from = self.hparams.init_from
+        if init_from and seq_len is not None and seq_len > self.model.config.max_seq_len:
+            raise ValueError(f"data.seq_len={seq_len} exceeds the max_position_embeddings="
+                             f"{self.model.config.max_seq_len} of {Path(init_from) / 'config.json'} "
+                             "(stage.module.init_from): lower data.seq_len")
 
     def on_fit_start(self) -> None:
         if not self.compile_forward:

@@ -215,6 +215,10 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
             raise ValueError(f"{self.source / 'config.json'}: vocab_size {self.model.config.vocab_size} != the data's "
                              f"tokenizer ({tokenizer.vocab_size}): prune with the corpus and tokenizer the model was "
                              "trained on (data.tokenizer_path)")
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len > self.model.config.max_seq_len:
+            raise ValueError(f"data.seq_len={seq_len} exceeds the max_position_embeddings={self.model.config.max_seq_len} "
+                             f"of {self.source / 'config.json'}: lower data.seq_len")
         device = self.trainer.strategy.root_device
         self.model.to(device)
         self.model.eval()  # the statistics and measurements below without dropout; fit switches back to train
