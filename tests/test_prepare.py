@@ -201,6 +201,7 @@ def test_bad_input_errors_naming_file_and_line_or_is_skipped_and_counted(tmp_pat
     ("compression_level", 23), ("compression_level", -(1 << 17) - 1), ("compression_level", 3.0),
     ("compression_level", "3"), ("lsh_weights", 0.5), ("lsh_weights", ["a", "b"]), ("lsh_weights", [0.5, 0.6]),
     ("lsh_weights", [float("nan"), 0.5]), ("lsh_weights", [False, True]),
+    ("verify", "maybe"), ("exact_dedup", 1), ("near_dedup", None), ("progress", "no"),
 ])
 def test_invalid_setting_errors_naming_the_key_before_reading(key, value):
     with pytest.raises(ValueError, match=rf"^prepare\.{key}: "):

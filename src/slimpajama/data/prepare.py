@@ -391,6 +391,10 @@ class CorpusPreparer:
                 bad(key, f"must be >= {low}, got {value}" if high is None else
                     f"must be in [{low}, {high}], got {value}")
 
+        for key, value in (("exact_dedup", exact_dedup), ("near_dedup", near_dedup), ("verify", verify),
+                           ("progress", progress)):
+            if not isinstance(value, bool):  # a YAML typo such as `maybe` would count as true
+                bad(key, f"must be true or false, got {value!r}")
         if ngram_unit not in ("char", "word"):
             bad("ngram_unit", f"must be 'char' or 'word', got {ngram_unit!r}")
         integer("ngram", ngram, 1)
