@@ -269,6 +269,9 @@ def test_missing_teacher_is_a_clear_error(teacher_run, tiny_overrides, tmp_path)
                       tmp_path, teacher_run[1])
     with pytest.raises(Exception, match="student.init=.*nowhere: not one of scratch, teacher_layers"):
         run(cfg)
+    cfg = distill_cfg(tiny_overrides + [f"teacher={teacher_run[2]}", "student.init=null"], tmp_path, teacher_run[1])
+    with pytest.raises(Exception, match="student.init=None: give one of scratch, teacher_layers"):
+        run(cfg)
 
 
 INITS = {  # each init option with a different loss variant, so every variant runs end to end once

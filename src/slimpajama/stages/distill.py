@@ -144,6 +144,9 @@ class DistillationModule(FusedOptimizerClipping, L.LightningModule):
         self._teacher_dir: Optional[Path] = None
         self._student_dir: Optional[Path] = None
 
+        if not isinstance(student_init, str) or not student_init:
+            raise ValueError(f"student.init={student_init!r}: give one of {', '.join(STUDENT_INITS)}, or a model "
+                             "folder or registered name")
         if student_init == "scratch":
             self.model = SlimPajamaModel(model)
         elif student_init == "teacher_layers":
