@@ -181,6 +181,22 @@ def test_task_settings_are_checked_naming_the_key(tmp_path, settings, message):
         T.user_task("c", "classify", str(tmp_path), 0.1, 0.1)
 
 
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "abc", True, -1])
+def test_built_in_task_weights_are_checked_naming_the_key(tmp_path, weight):
+    """nan used to drop the task silently, inf to fail in torch.multinomial, true to weigh 1.0."""
+    with pytest.raises(ValueError, match=r"data.tasks.source=.* must be a finite number >= 0"):
+        FinetuneDataModule(tasks={"source": weight, "qa": 1.0}, output_dir=str(tmp_path))
+
+
+def test_built_in_task_weights_from_the_command_line_are_checked(tmp_path):
+    from hydra.utils import instantiate
+
+    for value in ("nan", "inf", "abc", "true"):
+        cfg = compose_cfg(["stage=finetune", f"data.tasks={{source: {value}}}"], tmp_path)
+        with pytest.raises(Exception, match=r"data.tasks.source=.* must be a finite number >= 0"):
+            instantiate(cfg.data.module)
+
+
 def test_every_control_token_of_a_control_field_is_a_token():
     fields = ["<|style:formal|><|lang:en|>", "<|style:formal|>Write politely", "写一篇正式的文章", "<|b|> <|a|>"]
     assert control_tokens_in(fields) == ["<|a|>", "<|b|>", "<|lang:en|>", "<|style:formal|>"]
@@ -373,6 +389,36 @@ def test_fast_dev_run_of_the_stage(init_model, tmp_path):
 
 def VOCAB_BEFORE(folder: Path) -> int:
     return json.loads((folder / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+stage.module.evaluation.bogus=1", r"stage.module.evaluation: unknown keys \['bogus'\]"),
+    ("stage.module.evaluation.max_examples=-1", r"stage.module.evaluation.max_examples=-1 must be >= 1"),
+    ("stage.module.evaluation.per_control=2.5", r"stage.module.evaluation.per_control=2.5 must be a whole number"),
+    ("stage.module.evaluation.temperature=hot", r"stage.module.evaluation.temperature='hot' must be a finite number"),
+    ("stage.module.evaluation.guidance_scale=nan", r"stage.module.evaluation.guidance_scale=nan must be a finite"),
+    ("stage.module.evaluation.enabled=no", r"stage.module.evaluation.enabled='no' must be true or false"),
+    ("stage.module.evaluation.explain=1", r"stage.module.evaluation.explain=1 must be true or false"),
+    ("stage.module.lora.enabled=no", r"stage.module.lora.enabled='no' must be true or false"),
+    ("stage.module.lora.rank=0", r"stage.module.lora.rank=0 must be a positive integer"),  # checked even when off
+    ("stage.module.lora.targets=qkv", r"stage.module.lora.targets='qkv' must be a list of module names"),
+    ("stage.module.lora.targets=[qkv,q_proj]",
+     r"stage.module.lora.targets: \['q_proj'\] matched no nn.Linear .*valid names: down_proj, gate_up, o_proj, qkv\)"),
+    ("stage.module.lora.targets=[lm_head]", r"stage.module.lora.targets: \['lm_head'\] cannot take LoRA"),
+])
+def test_bad_stage_settings_fail_before_training_naming_the_key(init_model, tmp_path, override, message):
+    """These used to fail after training (in the end-of-fit evaluation, losing the model), turn LoRA on
+    ("no" is a true string), or be ignored (an unmatched target; an adapter on lm_head, which the loss bypasses)."""
+    from hydra.utils import instantiate
+
+    lora_on = ["stage.module.lora.enabled=true"] if "lora.targets" in override else []
+    cfg = compose_cfg(["stage=finetune", f"init_from={init_model}", *lora_on, override], tmp_path)
+    with pytest.raises(Exception, match=message):
+        instantiate(cfg.stage.module)
+    cfg = compose_cfg(["stage=finetune", f"init_from={init_model}", "stage.module.lora.enabled=true",
+                       "stage.module.lora.targets=[qkv]", "stage.module.evaluation.temperature=0"], tmp_path)
+    module = instantiate(cfg.stage.module)
+    assert module.lora["targets"] == ["qkv"] and module.evaluation["temperature"] == 0
 
 
 def test_sample_tables_go_to_wandb_loggers_only():

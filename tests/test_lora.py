@@ -74,12 +74,33 @@ def test_unknown_targets_are_a_clear_error():
         apply_lora(tiny_model(), targets=["q_proj"])
 
 
+def test_targets_are_a_list_of_names_that_each_match_a_linear():
+    """q_proj used to be dropped beside qkv, and the string "qkv" read as the letters q, k, v."""
+    with pytest.raises(ValueError, match=r"lora.targets: \['q_proj'\] matched no nn.Linear .*"
+                                         r"\(valid names: down_proj, gate_up, o_proj, qkv\)"):
+        apply_lora(tiny_model(), targets=["qkv", "q_proj"])
+    with pytest.raises(ValueError, match=r"lora.targets='qkv' must be a list of module names"):
+        apply_lora(tiny_model(), targets="qkv")
+    assert apply_lora(tiny_model(), targets=["qkv"]) == ["layers.0.self_attn.qkv", "layers.1.self_attn.qkv"]
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_the_output_head_and_embedding_are_refused_as_targets(target):
+    """The fine-tuning loss applies lm_head's frozen weight itself: an adapter there counted as
+    trainable but never trained."""
+    with pytest.raises(ValueError, match=rf"stage.module.lora.targets: \['{target}'\] cannot take LoRA"):
+        check_lora_settings({"targets": ["qkv", target]}, "stage.module.lora")
+    with pytest.raises(ValueError, match=rf"lora.targets: \['{target}'\] cannot take LoRA"):
+        apply_lora(tiny_model(), targets=[target])
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"rank": 0}, r"stage.module.lora.rank=0 must be a positive integer"),
     ({"rank": 4.5}, r"stage.module.lora.rank=4.5 must be a positive integer"),
     ({"alpha": -16}, r"stage.module.lora.alpha=-16 must be a positive number"),
     ({"dropout": 1.5}, r"stage.module.lora.dropout=1.5 must lie in \[0, 1\)"),
     ({"targets": []}, r"stage.module.lora.targets is empty"),
+    ({"targets": "qkv"}, r"stage.module.lora.targets='qkv' must be a list of module names"),
     ({"rnak": 8}, r"stage.module.lora: unknown keys \['rnak'\]"),
 ])
 def test_bad_lora_settings_name_the_key(settings, message):

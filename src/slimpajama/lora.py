@@ -8,10 +8,12 @@ other rows keep a zero gradient). `merge_lora` folds every update into its weigh
 puts plain `nn.Linear`s back, so the saved model is an ordinary dense folder.
 
 The model's fused projections (`qkv`, `gate_up`) get one adapter over their fused output: rank r
-is shared by q, k and v (gate and up) rather than given to each.
+is shared by q, k and v (gate and up) rather than given to each. `lm_head` takes none: the
+fine-tuning loss applies its weight directly, so an adapter there would never train.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Iterable, Optional
 
 import torch
@@ -65,11 +67,47 @@ def _swap_children(model: nn.Module, pick, make) -> list[str]:
 
 
 LORA_KEYS = ("rank", "alpha", "dropout", "targets")
+DEFAULT_TARGETS = ("qkv", "o_proj", "gate_up", "down_proj")
+# the loss applies lm_head's weight itself (linear_cross_entropy) and the embedding is no nn.Linear: an
+# adapter there would never train
+NOT_TARGETS = ("lm_head", "embed_tokens")
+
+
+def _check_target_names(targets, key: str) -> list[str]:
+    """`targets` as a list of names: a non-empty list of strings, none of NOT_TARGETS."""
+    if isinstance(targets, str) or not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{key}={targets!r} must be a list of module names, e.g. [{', '.join(DEFAULT_TARGETS)}]")
+    if not targets:
+        raise ValueError(f"{key} is empty: name the projections to adapt ({', '.join(DEFAULT_TARGETS)})")
+    refused = sorted(set(targets) & set(NOT_TARGETS))
+    if refused:
+        raise ValueError(f"{key}: {refused} cannot take LoRA: the fine-tuning loss applies the output head's weight "
+                         "directly and the embedding is a lookup, so an adapter there would never train (the control "
+                         "tokens' rows of both train anyway)")
+    return list(targets)
+
+
+def lora_target_names(model: nn.Module) -> list[str]:
+    """The attribute names of the model's `nn.Linear`s that can take an adapter."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and name and name.rsplit(".", 1)[-1] not in NOT_TARGETS})
+
+
+def check_lora_targets(model: nn.Module, targets: Optional[Iterable[str]], key: str = "lora.targets") -> list[str]:
+    """`targets` (None: the default) checked against `model`: every name must be the attribute name of at least
+    one of its `nn.Linear`s. Returns them as a list."""
+    targets = _check_target_names(list(DEFAULT_TARGETS) if targets is None else targets, key)
+    valid = lora_target_names(model)
+    missing = [t for t in targets if t not in valid]
+    if missing:
+        raise ValueError(f"{key}: {missing} matched no nn.Linear of the model (valid names: {', '.join(valid)})")
+    return targets
 
 
 def check_lora_settings(settings: dict, key: str = "lora") -> None:
     """Refuse settings `apply_lora` cannot use, naming `key`.<setting>: unknown keys, a rank that is not
-    a positive integer, an alpha that is not positive, a dropout outside [0, 1), an empty targets list."""
+    a positive integer, an alpha that is not positive, a dropout outside [0, 1), targets that are not a
+    non-empty list of names or name lm_head / embed_tokens (`check_lora_targets` checks them against a model)."""
     unknown = sorted(set(settings) - set(LORA_KEYS))
     if unknown:
         raise ValueError(f"{key}: unknown keys {unknown} (it takes enabled, {', '.join(LORA_KEYS)})")
@@ -80,21 +118,20 @@ def check_lora_settings(settings: dict, key: str = "lora") -> None:
         raise ValueError(f"{key}.alpha={alpha!r} must be a positive number (the updates are scaled by alpha / rank)")
     if not is_finite_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"{key}.dropout={dropout!r} must lie in [0, 1)")
-    if "targets" in settings and not list(settings["targets"]):
-        raise ValueError(f"{key}.targets is empty: name the projections to adapt (qkv, o_proj, gate_up, down_proj)")
+    if "targets" in settings:
+        _check_target_names(settings["targets"], f"{key}.targets")
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               targets: Iterable[str] = ("qkv", "o_proj", "gate_up", "down_proj"),
+               targets: Sequence[str] = DEFAULT_TARGETS,
                trainable_rows: Optional[Iterable[int]] = None) -> list[str]:
-    """Freeze `model`, wrap every `nn.Linear` whose attribute name is in `targets`, and return the
-    wrapped module names. `trainable_rows`: token ids whose embedding and output-head rows still train."""
-    targets = set(targets)
+    """Freeze `model`, wrap every `nn.Linear` whose attribute name is in `targets` (a list of names, each
+    matching at least one), and return the wrapped module names. `trainable_rows`: token ids whose
+    embedding and output-head rows still train."""
+    targets = set(check_lora_targets(model, targets))
     model.requires_grad_(False)
     wrapped = _swap_children(model, lambda name, child: name in targets and isinstance(child, nn.Linear),
                              lambda child: LoRALinear(child, rank, alpha, dropout))
-    if not wrapped:
-        raise ValueError(f"lora.targets={sorted(targets)} matched no nn.Linear of the model")
     rows = sorted(set(trainable_rows or []))
     model._lora_row_hooks = []
     if rows:

@@ -160,6 +160,9 @@ class FinetuneDataModule(L.LightningDataModule):
         built once; init_from: the model whose tokenizer is grown (null: the newest finished model);
         max_val_examples: per task, for the validation loss (the test split is for evaluation)."""
         super().__init__()
+        for name, weight in (tasks or {}).items():  # as data.custom.<name>.weight: no NaN, inf, bool or string
+            if not is_finite_number(weight) or weight < 0:
+                raise ValueError(f"data.tasks.{name}={weight!r} must be a finite number >= 0")
         self.task_weights = {str(k): float(v) for k, v in (tasks or {}).items()}
         self.custom = {str(k): _custom_spec(str(k), v) for k, v in (custom or {}).items()}
         self.task_weights.update({k: v["weight"] for k, v in self.custom.items()})

@@ -15,6 +15,7 @@ After fitting, `extra_metrics` evaluates the final model on every task's test sp
 template is saved into generation_config.json so `slimpajama-generate` builds prompts as training did.
 """
 
+import inspect
 import logging
 from typing import Callable, Optional
 
@@ -22,13 +23,46 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from slimpajama.checks import is_finite_number
 from slimpajama.data.finetune import resolve_init
-from slimpajama.lora import apply_lora, check_lora_settings, has_lora, merge_lora, row_trainable_weights
+from slimpajama.lora import (apply_lora, check_lora_settings, check_lora_targets, has_lora, merge_lora,
+                             row_trainable_weights)
 from slimpajama.losses import linear_cross_entropy
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
 
 log = logging.getLogger(__name__)
+
+EVAL_FLAGS = ("enabled", "explain")  # read by the module, not passed to evaluate_tasks
+EVAL_MINIMUM = {"max_examples": 1, "max_new_tokens": 1, "per_control": 1, "control_max_new_tokens": 1, "top_k": 0,
+                "batch_size": 1, "temperature": 0}  # the least value each numeric setting takes
+
+
+def _check_flag(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def check_evaluation_settings(settings: dict, key: str = "evaluation") -> None:
+    """Refuse end-of-fit evaluation settings before training, naming `key`.<setting>: keys that neither the
+    module nor `evaluate_tasks` takes, flags that are not bools, numbers of the wrong type or range."""
+    from slimpajama.evaluate import evaluate_tasks
+
+    params = dict(list(inspect.signature(evaluate_tasks).parameters.items())[4:])  # after model, tokenizer, tasks, template
+    unknown = sorted(set(map(str, settings)) - set(params) - set(EVAL_FLAGS))
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown} (it takes {', '.join(EVAL_FLAGS + tuple(params))})")
+    for name, value in settings.items():
+        kind = bool if name in EVAL_FLAGS else params[name].annotation
+        if kind is bool:
+            _check_flag(value, f"{key}.{name}")
+        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{key}.{name}={value!r} must be a whole number")
+        elif kind is float and not is_finite_number(value):
+            raise ValueError(f"{key}.{name}={value!r} must be a finite number")
+        if name in EVAL_MINIMUM and value < EVAL_MINIMUM[name]:
+            raise ValueError(f"{key}.{name}={value!r} must be >= {EVAL_MINIMUM[name]}")
 
 
 class FinetuneModule(FusedOptimizerClipping, L.LightningModule):
@@ -52,9 +86,15 @@ class FinetuneModule(FusedOptimizerClipping, L.LightningModule):
         self.model = SlimPajamaModel.from_pretrained(self.init_dir).train()
         log.info("fine-tuning %s", self.init_dir)
         self.evaluation = dict(evaluation or {})
-        self.lora = {k: v for k, v in (lora or {}).items() if k != "enabled"} if (lora or {}).get("enabled") else None
+        check_evaluation_settings(self.evaluation, "stage.module.evaluation")
+        lora = dict(lora or {})
+        enabled = _check_flag(lora.pop("enabled", False), "stage.module.lora.enabled")
+        check_lora_settings(lora, "stage.module.lora")  # checked even when off: nothing is silently ignored
+        self.lora = lora if enabled else None
         if self.lora is not None:
-            check_lora_settings(self.lora, "stage.module.lora")
+            if "targets" in self.lora:
+                self.lora["targets"] = [str(t) for t in self.lora["targets"]]
+            check_lora_targets(self.model, self.lora.get("targets"), "stage.module.lora.targets")
         self.trainable_params = None  # counted at the first setup (LoRA applied, nothing merged yet)
         self.val_loss = MeanMetric()
         self.generation_config: dict = {}  # saved into generation_config.json by the pipeline
