@@ -226,6 +226,11 @@ def test_cli_on_a_saved_structured_pruned_shape(tok, tmp_path, capsys):
         main([str(folder), "-p", PROMPT, "--layers", "9", "-o", str(out)])
     with pytest.raises(SystemExit, match="slimpajama-explain: error: .*nowhere"):
         main([str(folder / "nowhere"), "-p", PROMPT, "-o", str(out)])
+    with pytest.raises(SystemExit, match="slimpajama-explain: error: --device 'bogus'"):
+        main([str(folder), "-p", PROMPT, "--device", "bogus", "-o", str(out)])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="slimpajama-explain: error: .*afile"):  # an output path that is a file
+        main([str(folder), "-p", PROMPT, "--max-new-tokens", "2", "-o", str(tmp_path / "afile")])
 
 
 # ---- the report in a real browser -----------------------------------------------------------------

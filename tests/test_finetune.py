@@ -385,6 +385,13 @@ def test_fast_dev_run_of_the_stage(init_model, tmp_path):
     standalone = json.loads((tmp_path / "eval.json").read_text())
     assert standalone["test/cls/accuracy"] == pytest.approx(metrics["test/cls/accuracy"])  # the same 6 examples
     assert set(standalone) == {k for k in metrics if k.startswith(("test/cls/", "test/qa/"))}
+    # a user's mistake is one line naming it, not a traceback
+    for argv, match in [([str(tmp_path / "nowhere")], "nowhere"),
+                        ([str(out / "model"), "--tasks-dir", str(tmp_path / "tasks"), "--tasks", "nope"],
+                         r"--tasks \['nope'\]: no such task folders .*there: cls, qa"),
+                        ([str(out / "model"), "--device", "bogus"], "--device 'bogus'")]:
+        with pytest.raises(SystemExit, match=f"python -m slimpajama.evaluate: error: .*{match}"):
+            main(argv)
 
 
 def VOCAB_BEFORE(folder: Path) -> int:

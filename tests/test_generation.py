@@ -323,7 +323,8 @@ def test_unknown_arguments_and_impossible_settings_are_errors(model):
                           ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
                           ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
                           ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0"),
-                          ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be >= 0")]:
+                          ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be >= 0"),
+                          ({"num_return_sequences": 0}, "num_return_sequences must be a whole number >= 1")]:
         with pytest.raises(ValueError, match=match):
             model.generate(ids, **{"max_new_tokens": 3, **kwargs})
 

@@ -154,3 +154,23 @@ def test_ckpt_path_last_finds_the_stage_in_its_own_folder_and_in_pipelines(tmp_p
     assert resolve_ckpt_path(cfg) == newest
     own = checkpoint(logs / "fixed", 900)  # a rerun with the same hydra.run.dir continues itself, newer runs or not
     assert resolve_ckpt_path(cfg) == own
+    # trainer=fsdp saves a sharded checkpoint: last.ckpt is a folder, and the run still continues itself
+    sharded = logs / "sharded"
+    (sharded / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    (sharded / "checkpoints" / "last.ckpt" / "meta.pt").write_bytes(b"x")
+    cfg.paths.output_dir = str(sharded)
+    assert resolve_ckpt_path(cfg) == str(sharded / "checkpoints" / "last.ckpt")
+    cfg.ckpt_path = str(sharded / "checkpoints" / "last.ckpt")  # and an explicit folder is taken
+    assert resolve_ckpt_path(cfg) == cfg.ckpt_path
+
+
+def test_the_summary_table_shows_each_task_metric_of_metrics_json():
+    from slimpajama.report import summary_table
+
+    row = {"model": "m", "stage": "finetune", "params": 1e6, "file_mb": 4.0, "val_ppl": 12.0, "gen_tokens_per_s": 300.0,
+           "sparsity": None, "control": {},
+           "tasks": {"test/topic/accuracy": 0.5, "test/topic/f1_macro": 0.25, "test/qa/exact_match": 0.1,
+                     "test/qa/f1": 0.3, "test/translate/bleu": 2.0, "test/topic/loss": 9.0}}
+    line = summary_table([row]).splitlines()[-1]
+    assert "topic/accuracy 0.5, topic/f1_macro 0.25, qa/exact_match 0.1, qa/f1 0.3, translate/bleu 2" in line
+    assert "loss" not in line

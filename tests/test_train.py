@@ -338,3 +338,18 @@ def test_a_bad_sample_setting_is_an_error_before_training_and_publishes_nothing(
     with pytest.raises(ValueError, match=match):
         train(tiny_overrides + ["trainer.max_steps=2", f"sample.{key}={value}"], tmp_path)
     assert not (tmp_path / "logs" / "latest").exists() and not list(tmp_path.glob("logs/pretrain/runs/*/metrics.json"))
+
+
+def test_a_sigterm_in_the_final_validation_exits_143_and_publishes_nothing(tiny_overrides, tmp_path, monkeypatch):
+    """Lightning's SIGTERMException is a SystemExit of code None: escaping the final validation it would
+    end the stage with 0, and a pipeline would go on with an older model."""
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def validate(*args, **kwargs):
+        raise SIGTERMException
+
+    monkeypatch.setattr(L.Trainer, "validate", validate)
+    with pytest.raises(SystemExit) as stopped:
+        train(tiny_overrides + ["trainer.max_steps=2"], tmp_path)
+    assert stopped.value.code == 143 and not (tmp_path / "logs" / "latest").exists()

@@ -167,7 +167,7 @@ def run_command(prog: str, run, args: argparse.Namespace) -> int:
     """`run(args)`; a user's mistake (a missing folder, a bad setting) is the message alone, no traceback."""
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: a missing folder, an output path that is a file, ...
         raise SystemExit(f"{prog}: error: {e}") from e
 
 

@@ -348,9 +348,6 @@ def log_sample_tables(loggers, samples: dict[str, list]) -> None:
 
 # ---- the command --------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
-    from slimpajama.pretrained import SlimPajamaModel
-    from slimpajama.tokenizer import SlimPajamaTokenizer
-
     p = argparse.ArgumentParser(prog="python -m slimpajama.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a saved model folder or a registry name (slimpajama/finetune)")
     p.add_argument("--tasks-dir", default="data/tasks", help="folder of task folders (built by the finetune stage)")
@@ -363,14 +360,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from slimpajama.cli import run_command
 
-    model = SlimPajamaModel.from_pretrained(args.model, device=args.device)
+    return run_command("python -m slimpajama.evaluate", _evaluate, args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from slimpajama.cli import checked_device
+    from slimpajama.pretrained import SlimPajamaModel
+    from slimpajama.tokenizer import SlimPajamaTokenizer
+
+    model = SlimPajamaModel.from_pretrained(args.model, device=checked_device(args.device))
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     template = (model.generation_config or {}).get("prompt_template", DEFAULT_TEMPLATE)
     root = Path(args.tasks_dir)
     names = args.tasks or (sorted(d.name for d in root.iterdir() if (d / "task.json").is_file()) if root.is_dir() else [])
     if not names:
         raise FileNotFoundError(f"no task folders in {root} (run `python train.py stage=finetune` to build them)")
+    unknown = [n for n in names if not (root / n / "task.json").is_file()]
+    if unknown:
+        known = sorted(d.name for d in root.iterdir() if (d / "task.json").is_file()) if root.is_dir() else []
+        raise FileNotFoundError(f"--tasks {unknown}: no such task folders in {root} (there: {', '.join(known) or 'none'})")
     tasks = {n: load_task(root / n) for n in names}
     missing = sorted({c for t in tasks.values() for c in t.controls if c.startswith("<|")} - set(tokenizer.control_tokens))
     if missing:

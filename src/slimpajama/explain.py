@@ -749,10 +749,11 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimpajama.cli import check_control, checked_template
+    from slimpajama.cli import check_control, checked_device, checked_template
     from slimpajama.pretrained import SlimPajamaModel
     from slimpajama.tokenizer import SlimPajamaTokenizer
 
+    checked_device(args.device)
     layers = None if args.layers == "all" else [] if args.layers == "none" else _int_list(args.layers, "--layers")
     heads = "mean" if args.heads == "mean" else _int_list(args.heads, "--heads")
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)

@@ -564,6 +564,8 @@ def generate(
         raise ValueError(f"attention_mask rows {empty} are all padding: each prompt needs at least one real token")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("a prompt ends with padding: pad on the left (tokenizer(..., padding_side='left'))")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be a whole number >= 1, got {num_return_sequences!r}")
     if num_return_sequences > 1 and not do_sample:
         raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding would return identical "
                          "copies: sample (do_sample=True), as transformers requires")

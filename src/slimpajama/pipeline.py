@@ -43,13 +43,13 @@ def latest_link(cfg: DictConfig, stage: str) -> Path:
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     """`ckpt_path=last`: this run's own `checkpoints/last.ckpt` (a rerun with the same `hydra.run.dir`), else
     the newest one of the stage's runs and of a pipeline's runs of it (never a multirun's sibling job)."""
-    if cfg.ckpt_path != "last":
-        if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+    if cfg.ckpt_path != "last":  # a file, or the folder of a sharded (trainer=fsdp) checkpoint
+        if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return cfg.ckpt_path
     log_dir, stage = Path(cfg.paths.log_dir), cfg.task_name
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if own.is_file():  # a rerun with the same hydra.run.dir continues itself, whatever ran since
+    if own.exists():  # a rerun with the same hydra.run.dir continues itself, whatever ran since
         log.info("resuming from %s", own)
         return str(own)
     candidates = set((log_dir / stage).glob("**/checkpoints/last.ckpt"))
@@ -202,13 +202,14 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # preempted: last.ckpt was saved (ResumeCheckpoint); Lightning would exit with 0
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
+        if cfg.get("final_validation", True):  # measure the final weights, not those of the last periodic validation
+            final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+            metrics.update({k: float(v) for k, v in final.items()})
+    except SIGTERMException:  # preempted (in fit or the final validation): last.ckpt was saved (ResumeCheckpoint);
+        # SIGTERMException is a SystemExit of code None, which would exit with 0 and let a pipeline go on
         log.warning("stopped by SIGTERM after step %d: rerun the same command with ckpt_path=last", trainer.global_step)
         raise SystemExit(128 + signal.SIGTERM)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))}
-    if cfg.get("final_validation", True):  # measure the final weights, not those of the last periodic validation
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        metrics.update({k: float(v) for k, v in final.items()})
     metrics.update(datamodule.metrics)
     metrics["model/params"] = module.model.num_params()  # after fit: a stage may change the model (pruning)
     if hasattr(module, "extra_metrics"):  # a stage's own final measurements, e.g. prune/sparsity

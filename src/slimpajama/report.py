@@ -221,7 +221,7 @@ def summary_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tasks = ", ".join(f"{k.removeprefix('test/')} {v:.3g}" for k, v in r["tasks"].items()
-                          if k.rsplit("/", 1)[-1] in ("accuracy", "f1", "bleu", "chrf", "exact_match", "ppl"))
+                          if k.rsplit("/", 1)[-1] in ("accuracy", "f1", "f1_macro", "bleu", "chrf", "exact_match", "ppl"))
         with_ = {k: v for k, v in r["control"].items() if k.endswith("/adherence_with") and k.count("/") == 2}
         adher = ", ".join(
             f"{k.split('/')[1]} {v:.0%} / {r['control'].get(k.replace('_with', '_without'), float('nan')):.0%}"
