@@ -185,6 +185,13 @@ def test_every_other_layer_copies_the_teachers_layers_0_2_4(teacher_run):
     assert torch.isfinite(student(x)).all()
 
 
+def test_the_checkpoint_names_the_teachers_own_folder_not_latest(teacher_run, tiny_overrides, tmp_path):
+    root, data_dir, teacher_dir = teacher_run
+    cfg = distill_cfg(tiny_overrides + SMALL_STUDENT + [f"stage.module.log_dir={root / 'logs'}"], tmp_path, data_dir)
+    module: DistillationModule = instantiate(cfg.stage.module)  # teacher=null: latest/pretrain
+    assert module.hparams["teacher"] is None and module.hparams["teacher_dir"] == str(teacher_dir.resolve())
+
+
 def test_gradients_reach_the_student_only(teacher_run, tiny_overrides, tmp_path):
     root, data_dir, teacher_dir = teacher_run
     cfg = distill_cfg(tiny_overrides + SMALL_STUDENT + [f"teacher={teacher_dir}", "stage.module.hidden_loss=cosine"],

@@ -174,3 +174,29 @@ def test_the_summary_table_shows_each_task_metric_of_metrics_json():
     line = summary_table([row]).splitlines()[-1]
     assert "topic/accuracy 0.5, topic/f1_macro 0.25, qa/exact_match 0.1, qa/f1 0.3, translate/bleu 2" in line
     assert "loss" not in line
+
+
+def test_a_resume_keeps_the_teacher_and_source_the_run_started_from(tmp_path, caplog):
+    """teacher=null (latest/pretrain) or a registered name: a resumed run reads its checkpoint's folder,
+    not a model published since; a folder the user gives stays theirs."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from slimpajama.pipeline import _keep_the_runs_models
+
+    started, newer = tmp_path / "pretrain-a" / "model", tmp_path / "pretrain-b" / "model"
+    started.mkdir(parents=True), newer.mkdir(parents=True)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"teacher_dir": str(started), "source_dir": str(started)}}, ckpt)
+    for chosen, expected in ((None, started), ("slimpajama/pretrain", started), (str(newer), newer)):
+        cfg = OmegaConf.create({"teacher": chosen, "stage": {"module": {"teacher": "${teacher}"}}})
+        _keep_the_runs_models(cfg, str(ckpt))
+        assert cfg.stage.module.teacher == str(expected), chosen
+    cfg = OmegaConf.create({"stage": {"module": {"init_from": None}}})  # prune
+    _keep_the_runs_models(cfg, str(ckpt))
+    assert cfg.stage.module.init_from == str(started)
+    started.rmdir()
+    cfg = OmegaConf.create({"stage": {"module": {"init_from": None}}})
+    with caplog.at_level("WARNING", logger="slimpajama.pipeline"):
+        _keep_the_runs_models(cfg, str(ckpt))
+    assert cfg.stage.module.init_from is None and "no longer exists" in caplog.text

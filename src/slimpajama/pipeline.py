@@ -62,6 +62,34 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     return str(newest)
 
 
+# the folder a run started from, saved in its checkpoint's hyperparameters, and the config key that chose it
+PINNED_MODELS = {"teacher_dir": "teacher", "source_dir": "init_from"}
+
+
+def _keep_the_runs_models(cfg: DictConfig, ckpt_path: str) -> None:
+    """A resumed distill or prune run keeps the teacher or source model it started from, where the config
+    leaves the choice to `latest/` or a registered name: a run published since would be picked instead."""
+    path = Path(ckpt_path)
+    path = path / "meta.pt" if path.is_dir() else path  # a sharded (FSDP) checkpoint keeps them in meta.pt
+    if not path.is_file():
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    module = cfg.stage.module
+    for saved_key, key in PINNED_MODELS.items():
+        folder = saved.get(saved_key)
+        if folder is None or key not in module:
+            continue
+        chosen = module[key]
+        if chosen is not None and Path(str(chosen)).is_dir():  # a folder the user gave: theirs
+            continue
+        if not Path(folder).is_dir():
+            log.warning("the checkpoint's %s %s no longer exists: resuming with %s=%s", saved_key, folder, key, chosen)
+            continue
+        log.info("resuming with the model the run started from: %s=%s", key, folder)
+        with open_dict(cfg):
+            module[key] = folder
+
+
 def _continue_logger_runs(cfg: DictConfig, ckpt_path: str) -> None:
     """A resumed run logs into the same W&B run: the id stored in the checkpoint (`RunIdentity`)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
@@ -188,6 +216,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
         _continue_logger_runs(cfg, ckpt_path)
+        _keep_the_runs_models(cfg, ckpt_path)
     datamodule = instantiate(cfg.data.module)
     module = instantiate(cfg.stage.module)
     callbacks = _objects(cfg.get("callbacks")) + [RunIdentity()]

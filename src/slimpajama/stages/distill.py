@@ -141,7 +141,10 @@ class DistillationModule(FusedOptimizerClipping, L.LightningModule):
         self.temperature, self.kd_ratio, self.kind = float(temperature), float(kd_ratio), kind
         self.hidden_loss, self.hidden_weight = hidden_loss, float(hidden_weight)
         self.teacher_name, self.log_dir = teacher, log_dir
-        self._teacher_dir: Optional[Path] = None
+        try:  # now, so that the checkpoint names the folder itself (a resume keeps it)
+            self._teacher_dir: Optional[Path] = resolve_teacher(teacher, log_dir)
+        except FileNotFoundError:
+            self._teacher_dir = None  # the error is raised where the teacher is loaded
         self._student_dir: Optional[Path] = None
 
         if not isinstance(student_init, str) or not student_init:
@@ -165,6 +168,7 @@ class DistillationModule(FusedOptimizerClipping, L.LightningModule):
         # plain types only: checkpoints load with torch.load(weights_only=True); the teacher is a path
         self.save_hyperparameters({
             "model": self.model.config.to_dict(), "teacher": teacher, "student_init": student_init,
+            "teacher_dir": str(self._teacher_dir.resolve()) if self._teacher_dir else None,  # not latest/
             "temperature": self.temperature, "kd_ratio": self.kd_ratio, "kind": kind,
             "hidden_loss": hidden_loss, "hidden_weight": self.hidden_weight,
         })
@@ -177,7 +181,7 @@ class DistillationModule(FusedOptimizerClipping, L.LightningModule):
     def _load_teacher(self) -> None:
         if "_teacher" in self.__dict__:
             return
-        self._teacher_dir = resolve_teacher(self.teacher_name, self.log_dir)
+        self._teacher_dir = self._teacher_dir or resolve_teacher(self.teacher_name, self.log_dir)
         teacher = SlimPajamaModel.from_pretrained(self._teacher_dir).eval().requires_grad_(False)
         # outside nn.Module's registry: not a child, so not in state_dict, the checkpoint or .parameters()
         self.__dict__["_teacher"] = teacher

@@ -159,7 +159,8 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         self.generation_tokens = generation_tokens
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.save_hyperparameters({"init_from": str(self.source), "method": method, "sparsity": sparsity, "scope": scope,
-                                   "schedule": schedule, "recovery": recovery})
+                                   "schedule": schedule, "recovery": recovery,
+                                   "source_dir": str(self.source.resolve())})  # not latest/: a resume keeps it
         modules = pruning.prunable_modules(self.model, self.prunable)  # bad patterns fail here, not after calibration
         if not modules:
             raise ValueError("prune.prunable is empty: list the modules to prune, e.g. 'layers.*.mlp.down_proj'")
