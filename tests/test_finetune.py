@@ -489,3 +489,35 @@ def test_a_long_prompt_is_cut_to_fit_keeping_the_templates_tail(tok):
     cut = fit_prompt(tok, template, prompt, 20)
     assert len(cut) == 20 and cut[:19] == prompt[:19] and cut[-1] == tok.newline_id == prompt[-1]
     assert fit_prompt(tok, template, prompt[:10], 20) == prompt[:10]
+
+
+def test_a_resumed_run_continues_with_the_next_unseen_batch(init_model, tmp_path):
+    """Stopped at step 4 of a pass and resumed with ckpt_path=last: steps 5-8 train on the batches, and
+    give the losses, of the uninterrupted run. A resume with another data.batch_size is refused."""
+    import csv
+
+    from slimpajama.pipeline import run
+
+    files = _user_tasks(tmp_path)
+    custom = ",".join(f"{n}:{{kind:{k},path:'{files[n]}',weight:1}}" for n, k in (("gen", "generation"), ("cls", "classification")))
+    overrides = [o for o in TINY if not o.startswith(("data", "model", "callbacks"))] + [
+        "stage=finetune", f"init_from={init_model}", "data.tasks=null", f"data.custom={{{custom}}}", "data.seq_len=63",
+        "data.batch_size=4", "stage.module.evaluation.enabled=false", "stage.module.scheduler.max_steps=8",
+        "trainer.val_check_interval=100", "trainer.log_every_n_steps=1", "final_validation=false",
+        "sample.max_new_tokens=0", "callbacks=default", "~callbacks.progress_bar", "~callbacks.throughput",
+        "~callbacks.model_summary"]
+
+    def train(name, *extra):
+        cfg = compose_cfg(overrides + list(extra), tmp_path, output_dir=tmp_path / "logs" / "finetune" / "runs" / name)
+        run(cfg)
+        with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    train("stopped", "trainer.max_steps=4")
+    resumed = train("resumed", "trainer.max_steps=8", "ckpt_path=last")
+    with pytest.raises(Exception, match=r"data.batch_size \(was 4, now 2\)"):
+        train("other-batch", "trainer.max_steps=8", "ckpt_path=last", "data.batch_size=2")
+    full = train("full", "trainer.max_steps=8")
+    assert sorted(resumed) == [4, 5, 6, 7] and sorted(full) == list(range(8))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step

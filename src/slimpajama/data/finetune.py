@@ -8,19 +8,20 @@ An example becomes `bos, prompt, output, eos` with labels `-100` (`IGNORE_INDEX`
 prompt, so the loss counts only the output tokens and the eos. The prompt is `prompt_template`
 filled with the control (trusted: a control token stays one token) and the input (untrusted: a
 control-token string in it is encoded as plain text, `split_special_tokens=True`); the output is
-encoded as plain text too. Training batches draw tasks by `weights` (per task, normalised) with a
-seeded `WeightedRandomSampler`; validation runs over every task's validation split.
+encoded as plain text too. Training batches draw tasks by `weights` (per task, normalised), as a
+seeded `WeightedRandomSampler` would, from a loader that resumes mid-pass (`ResumableTaskLoader`);
+validation runs over every task's validation split.
 """
 
 import logging
 import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from slimpajama.checks import is_finite_number
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
@@ -134,6 +135,90 @@ def _custom_spec(name: str, spec) -> dict:
     return {"kind": spec.get("kind", "generation"), "path": str(spec["path"]), "weight": float(weight)}
 
 
+class ResumableSampler(Sampler[int]):
+    """`WeightedRandomSampler`'s draws (with replacement, every pass from one seeded generator) that can
+    start a pass part-way: `resume` sets the generator back to the pass's start and skips its first
+    indices, so a resumed run draws what the uninterrupted one drew."""
+
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int):
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = num_samples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pass_start = self.generator.get_state()  # the generator's state when the current pass began
+        self._resume: Optional[tuple[torch.Tensor, int]] = None
+        self._indices: Optional[list[int]] = None
+
+    def resume(self, pass_start: torch.Tensor, skip: int) -> None:
+        self._resume = (pass_start, skip)
+
+    def start_pass(self) -> int:
+        """Draw the next pass (or the resumed one, less its first indices); returns how many it skips."""
+        skip = 0
+        if self._resume is not None:
+            (state, skip), self._resume = self._resume, None
+            self.generator.set_state(state)
+            if skip >= self.num_samples:  # the pass had ended: draw it to move on, then a new one
+                self._draw()
+                skip = 0
+        self.pass_start = self.generator.get_state()
+        self._indices = self._draw()[skip:]
+        return skip
+
+    def _draw(self) -> list[int]:
+        return torch.multinomial(self.weights, self.num_samples, True, generator=self.generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        if self._indices is None:
+            self.start_pass()
+        indices, self._indices = self._indices, None
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableTaskLoader(DataLoader):
+    """The training loader, whose `state_dict()` is the position after the last *consumed* batch (the
+    data module counts them in `on_before_batch_transfer`, however far the fetcher reads ahead), as
+    the pretraining loader's is: a resume continues with the next unseen batch. A resume with other
+    `settings` (batch size, task mix) is refused, naming them."""
+
+    def __init__(self, dataset, batch_size: int, sampler: Sampler, settings: dict, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self.settings = settings
+        # None when Lightning rebuilt the loader around a distributed sampler (DDP): no exact position then
+        self._resumable = sampler if isinstance(sampler, ResumableSampler) else None
+        self._consumed = 0  # batches of the current pass the training loop has taken
+
+    def __iter__(self):
+        if self._resumable is not None:
+            self._consumed = self._resumable.start_pass() // self.batch_size
+        return super().__iter__()
+
+    def mark_consumed(self) -> None:
+        self._consumed += 1
+
+    def state_dict(self) -> dict:
+        state = {"settings": self.settings}
+        if self._resumable is not None:
+            state.update(pass_start=self._resumable.pass_start, consumed=self._consumed)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("settings", {})
+        changed = [f"{k} (was {saved[k]}, now {v})" for k, v in self.settings.items() if k in saved and saved[k] != v]
+        if changed:
+            raise ValueError(f"the checkpoint was saved with other data settings: {'; '.join(changed)}. Resume with "
+                             "the original data settings, or start a new run (without ckpt_path)")
+        if self._resumable is None or "consumed" not in state:
+            log.warning("resuming the fine-tuning data from the start of its pass: the position is exact on one "
+                        "device only")
+            return
+        consumed = state["consumed"]
+        skip = self._resumable.num_samples if consumed >= len(self) else consumed * self.batch_size
+        self._resumable.resume(state["pass_start"], skip)
+
+
 class FinetuneDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -160,6 +245,7 @@ class FinetuneDataModule(L.LightningDataModule):
         built once; init_from: the model whose tokenizer is grown (null: the newest finished model);
         max_val_examples: per task, for the validation loss (the test split is for evaluation)."""
         super().__init__()
+        self._train_loader: Optional[ResumableTaskLoader] = None
         for name, weight in (tasks or {}).items():  # as data.custom.<name>.weight: no NaN, inf, bool or string
             if not is_finite_number(weight) or weight < 0:
                 raise ValueError(f"data.tasks.{name}={weight!r} must be a finite number >= 0")
@@ -240,20 +326,29 @@ class FinetuneDataModule(L.LightningDataModule):
         return dict(self._metrics)
 
     # ---- loaders ---------------------------------------------------------------------------
-    def _loader(self, items, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, items, batch_size: int) -> DataLoader:
         pad = self._tokenizer.pad_token_id
-        return DataLoader(_Examples(items), batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate(b, pad), drop_last=sampler is not None)
+        return DataLoader(_Examples(items), batch_size=batch_size, num_workers=self.num_workers,
+                          collate_fn=lambda b: collate(b, pad))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> "ResumableTaskLoader":
         items, weights = [], []
         for name, share in self.mix.items():
             rows = self.data[name]["train"]
             items += rows
             weights += [share / len(rows)] * len(rows)  # each task draws its share, whatever its size
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = WeightedRandomSampler(weights, num_samples=len(items), replacement=True, generator=generator)
-        return self._loader(items, self.batch_size, sampler)
+        pad = self._tokenizer.pad_token_id
+        self._train_loader = ResumableTaskLoader(
+            _Examples(items), batch_size=self.batch_size, sampler=ResumableSampler(weights, len(items), self.seed),
+            settings={"data.batch_size": self.batch_size, "data.tasks": dict(self.mix)},
+            num_workers=self.num_workers, collate_fn=lambda b: collate(b, pad))
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # called when the training loop takes a batch to train on (not when it reads ahead)
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         items = [ex for name in self.mix for ex in self.data[name]["val"][: self.max_val_examples]]
