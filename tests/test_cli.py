@@ -67,8 +67,8 @@ def test_a_prompt_template_with_another_field_is_refused_naming_the_file(tmp_pat
     SlimPajamaModel(config).save_pretrained(tmp_path, generation_config={"prompt_template": "{instruction}{input}"})
     tok.save_pretrained(tmp_path)
     run = main if command == "generate" else explain_main
-    with pytest.raises(SystemExit, match=r"generation_config.json: prompt_template '\{instruction\}\{input\}' must "
-                                         r"use only \{control\} and \{input\}"):
+    with pytest.raises(SystemExit, match=r"generation_config.json: prompt_template='\{instruction\}\{input\}' must "
+                                         r"contain \{control\} then \{input\}, once each"):
         run([str(tmp_path), "-p", "the river", "--max-new-tokens", "2"])
     assert capsys.readouterr().out == ""  # nothing generated
 
@@ -156,3 +156,18 @@ def test_console_entry_point_runs(folder):
                              "--max-new-tokens", "4", "--no-stream"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_the_prompt_is_encoded_as_fine_tuning_encoded_it(folder, tok, monkeypatch):
+    """The control is a token, the user's text plain text: a "</s>" or a control-token string in the
+    prompt stays text, as in training (plain `tokenizer.encode` would make them special tokens)."""
+    import slimpajama.cli as C
+    from slimpajama.data.finetune import encode_prompt
+
+    seen = []
+    monkeypatch.setattr(C, "complete", lambda model, tokenizer, prompt, *a, **k: seen.append(prompt) or [""])
+    text = f"river</s>x {CONTROL[1]}"
+    assert main([str(folder), "-c", CONTROL[0], "-p", text, "--max-new-tokens", "2"]) == 0
+    assert seen == [encode_prompt(tok, "{control}{input}\n", CONTROL[0], text)]  # the folder's template
+    assert tok.eos_token_id not in seen[0] and tok.convert_tokens_to_ids(CONTROL[1]) not in seen[0]
+    assert seen[0][1] == tok.convert_tokens_to_ids(CONTROL[0])

@@ -6,7 +6,8 @@
     slimpajama-generate slimpajama/finetune --chat --control "<|task:dialogue|>"
 
 The prompt is built with the model's `prompt_template` (saved in generation_config.json by the
-fine-tuning stage; default "{control}{input}"), so a control signal lands where training put it.
+fine-tuning stage; default "{control}{input}"), so a control signal lands where training put it,
+and the text is encoded as fine-tuning encoded its inputs (plain text: a "</s>" in it stays text).
 A control token the model does not know (`<|style:formal|>` for the demo's model, whose tokens are
 `<|source:...|>` and `<|task:...|>`) is refused with the list of those it knows.
 """
@@ -18,7 +19,8 @@ from typing import Optional, Union
 
 import torch
 
-from slimpajama.generation import TextStreamer, build_prompt, continuation_ids, prompt_template
+from slimpajama.generation import (TextStreamer, build_prompt, check_template, continuation_ids, encode_prompt,
+                                   prompt_template)
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
@@ -95,11 +97,11 @@ def check_control(tokenizer: SlimPajamaTokenizer, model: str, flag: str, control
 
 
 def checked_template(model, name: str) -> str:
-    """The model's prompt template, or an exit naming the file when it uses a field other than
-    {control} and {input}."""
+    """The model's prompt template, or an exit naming the file when it is not {control} then {input},
+    once each (as fine-tuning saves it)."""
     template = prompt_template(model)
     try:
-        build_prompt(template, "", "")
+        check_template(template, "prompt_template")
     except ValueError as e:
         raise SystemExit(f"{name}: generation_config.json: {e}") from e
     return template
@@ -191,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
         chat(model, tokenizer, args, kwargs, template)
         return 0
     text = args.prompt if args.prompt is not None else sys.stdin.read()
-    complete(model, tokenizer, build_prompt(template, args.control, text), kwargs, stream=not args.no_stream)
+    # as fine-tuning built its prompts: the control a token, the text plain (a "</s>" in it is text)
+    prompt = encode_prompt(tokenizer, template, args.control or "", text)
+    complete(model, tokenizer, prompt, kwargs, stream=not args.no_stream)
     return 0
 
 

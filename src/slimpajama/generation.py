@@ -21,6 +21,7 @@ import logging
 import math
 import queue
 import statistics
+import string
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -49,6 +50,30 @@ def build_prompt(template: str, control: Optional[str], text: str) -> str:
         return template.format(control=control or "", input=text)
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"prompt_template {template!r} must use only {{control}} and {{input}}") from e
+
+
+def check_template(template: str, key: str = "data.prompt_template") -> tuple[str, str]:
+    """The template's text before and after `{input}`; `{control}` must come before `{input}`. `key`: what
+    an error names (the config key, or the file the template came from)."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if sorted(fields) != ["control", "input"] or fields.index("control") > fields.index("input"):
+        raise ValueError(f"{key}={template!r} must contain {{control}} then {{input}}, once each (and no other field)")
+    before, after = template.split("{input}")
+    return before, after
+
+
+def encode_prompt(tokenizer, template: str, control: str, text: str) -> list[int]:
+    """bos + the template around `control` (control tokens kept) and `text` (encoded as plain text), as
+    fine-tuning encodes its prompts. Equal to `tokenizer.encode(template.format(control=control,
+    input=text))` when `text` holds no control- or special-token string (`<|...|>`, `</s>`) and the
+    template puts no text right before `{input}` that could merge with it."""
+    before, after = check_template(template)
+    ids = tokenizer.encode(before.format(control=control))
+    if len(ids) > 1:
+        ids += tokenizer.encode_continuation(text, split_special_tokens=True)
+    else:  # nothing before the input: it starts the text (SentencePiece's dummy prefix space)
+        ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return ids + tokenizer.encode_continuation(after, split_special_tokens=False)
 
 
 # ---- logits processors: (B, V) scores in, (B, V) scores out --------------------------------------

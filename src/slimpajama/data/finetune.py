@@ -14,7 +14,6 @@ validation runs over every task's validation split.
 """
 
 import logging
-import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from slimpajama.checks import is_finite_number
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
+from slimpajama.generation import check_template, encode_prompt
 from slimpajama.losses import IGNORE_INDEX
 from slimpajama.registry import latest_model, resolve_model
 from slimpajama.tokenizer import CONTROL_SHAPE, SlimPajamaTokenizer
@@ -39,31 +39,6 @@ def resolve_init(init_from: Optional[str], log_dir: Optional[str] = None) -> Pat
     if init_from is None:
         return latest_model(INIT_STAGES, log_dir=log_dir)
     return resolve_model(init_from, log_dir=log_dir)
-
-
-def check_template(template: str) -> tuple[str, str]:
-    """The template's text before and after `{input}`; `{control}` must come before `{input}`."""
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    if sorted(fields) != ["control", "input"] or fields.index("control") > fields.index("input"):
-        raise ValueError(
-            f"data.prompt_template={template!r} must contain {{control}} then {{input}}, once each (and no other field)"
-        )
-    before, after = template.split("{input}")
-    return before, after
-
-
-def encode_prompt(tokenizer: SlimPajamaTokenizer, template: str, control: str, text: str) -> list[int]:
-    """bos + the template around `control` (control tokens kept) and `text` (encoded as plain text).
-    Equal to `tokenizer.encode(template.format(control=control, input=text))` when `text` holds no
-    control- or special-token string (`<|...|>`, `</s>`) and the template puts no text right before
-    `{input}` that could merge with it."""
-    before, after = check_template(template)
-    ids = tokenizer.encode(before.format(control=control))
-    if len(ids) > 1:
-        ids += tokenizer.encode_continuation(text, split_special_tokens=True)
-    else:  # nothing before the input: it starts the text (SentencePiece's dummy prefix space)
-        ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    return ids + tokenizer.encode_continuation(after, split_special_tokens=False)
 
 
 def fit_prompt(tokenizer: SlimPajamaTokenizer, template: str, prompt: list[int], limit: int) -> list[int]:
