@@ -728,23 +728,28 @@ def test_from_pretrained_dtype_and_device(tmp_path):
 
 
 # ---- Hugging Face parity --------------------------------------------------------------------------------
+def sharp_pair(folder, tok, **shape):
+    """A tiny model with weights sharper than at init (so greedy paths are not near-ties), saved with
+    `tok` in `folder`, and loaded from it by us and by transformers: (ours, hf, hf_tok)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny(**shape))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    return SlimPajamaModel.from_pretrained(folder), hf, transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
 @pytest.mark.parametrize(
     "shape", [{"n_kv_head": 4}, {"tie_embeddings": True, "n_kv_head": 2}, {"n_kv_head": 1},
               {"n_head": 2, "n_kv_head": 1, "head_dim": 8}],  # the last: heads removed by structured pruning
     ids=["mha-untied", "gqa-tied", "mqa", "pruned-heads"])
 def test_transformers_parity_logits_and_64_greedy_tokens(tmp_path, monkeypatch, tok, shape):
-    transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(0)
-    model = SlimPajamaModel(tiny(**shape))
-    with torch.no_grad():  # a sharper distribution than at init, so greedy paths are not near-ties
-        for p in model.parameters():
-            p.mul_(4.0) if p.dim() > 1 else None
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    ours = SlimPajamaModel.from_pretrained(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours, hf, hf_tok = sharp_pair(tmp_path, tok, **shape)
     texts = ["The city by the river was new.", "写一篇正式的文章", f"{CONTROL[0]}the music school"]
     for text in texts:
         assert hf_tok(text)["input_ids"] == tok.encode(text), text
@@ -795,18 +800,8 @@ def test_leading_end_ids_are_tokens_when_the_pad_id_is_an_end_id_as_in_transform
 
 
 def test_a_stop_string_across_the_prompts_end_stops_as_in_transformers(tmp_path, monkeypatch, tok):
-    transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(0)
-    model = SlimPajamaModel(tiny())
-    with torch.no_grad():  # sharper than at init, as in the parity test
-        for p in model.parameters():
-            p.mul_(4.0) if p.dim() > 1 else None
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    ours = SlimPajamaModel.from_pretrained(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours, hf, hf_tok = sharp_pair(tmp_path, tok)
     ids = torch.tensor([tok.encode("from was have of")])
     free = greedy(ours, ids, n=8)
     assert tok.decode(free[0, ids.size(1):]).startswith("small small")  # so "of small" spans the prompt's end
