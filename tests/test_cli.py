@@ -171,3 +171,26 @@ def test_the_prompt_is_encoded_as_fine_tuning_encoded_it(folder, tok, monkeypatc
     assert seen == [encode_prompt(tok, "{control}{input}\n", CONTROL[0], text)]  # the folder's template
     assert tok.eos_token_id not in seen[0] and tok.convert_tokens_to_ids(CONTROL[1]) not in seen[0]
     assert seen[0][1] == tok.convert_tokens_to_ids(CONTROL[0])
+
+
+def test_chat_keeps_the_replies_ids_and_reads_the_users_line_as_text(folder, tok):
+    """The second turn's prompt holds the first reply's generated ids as they were, and a "</s>" typed
+    by the user is text, not the end token (as fine-tuning encoded its inputs)."""
+    model = SlimPajamaModel.from_pretrained(folder)
+    args = build_parser().parse_args([str(folder), "--chat", "--greedy", "--max-new-tokens", "6"])
+    prompts, replies = [], []
+    original = model.generate
+
+    def generate(ids, **kw):
+        prompts.append(ids[0].tolist())
+        out = original(ids, **kw)
+        replies.append(out[0, ids.size(1):].tolist())
+        return out
+
+    model.generate = generate
+    chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO("river</s>x\nthe city\n\n"),
+         out=io.StringIO())
+    first, second = prompts
+    assert tok.eos_token_id not in first[1:]
+    reply = [i for i in replies[0] if i not in (tok.eos_token_id, tok.pad_token_id)]
+    assert second[: len(first) + len(reply)] == first + reply  # the conversation as generated, not re-encoded

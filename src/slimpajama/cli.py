@@ -19,8 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from slimpajama.generation import (TextStreamer, build_prompt, check_template, continuation_ids, encode_prompt,
-                                   prompt_template)
+from slimpajama.generation import TextStreamer, check_template, continuation_ids, encode_prompt, prompt_template
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
@@ -107,9 +106,10 @@ def checked_template(model, name: str) -> str:
     return template
 
 
-def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stream: bool, out=None) -> list[str]:
+def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stream: bool, out=None,
+             new_ids: Optional[list] = None) -> list[str]:
     """Generate from `prompt` (text, or its ids with bos); stream the text to `out` (stdout) when asked
-    (one sequence). Returns the new texts."""
+    (one sequence). Returns the new texts; `new_ids`, when given, receives each row's new ids."""
     out = out or sys.stdout
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt)
@@ -119,6 +119,8 @@ def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stre
         streamer = TextStreamer(tokenizer, skip_prompt=True, on_text=lambda t: (out.write(t), out.flush()))
     output = model.generate(ids, tokenizer=tokenizer, streamer=streamer, **kwargs)
     texts = [tokenizer.decode(row[ids.size(1):], skip_special_tokens=True) for row in output]
+    if new_ids is not None:
+        new_ids += [row[ids.size(1):].tolist() for row in output]
     # each text ends its line, once: a reply stopped at "\n" has ended it already
     if streamer is None:
         for i, text in enumerate(texts):
@@ -129,36 +131,41 @@ def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stre
 
 
 def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None) -> None:
-    """Turns are `template` (control + the user's line) followed by the model's reply; a reply ends at a
-    newline or EOS. The conversation is cut from the left to leave room for the reply."""
+    """Turns are `template` (control + the user's line, encoded as fine-tuning encoded its prompts) followed
+    by the model's reply; a reply ends at a newline or EOS. The conversation is kept as ids, cut from the
+    left to leave room for the reply."""
     inp, out = inp or sys.stdin, out or sys.stdout
     if "max_length" in kwargs and "max_new_tokens" not in kwargs:
         raise ValueError("--chat takes --max-new-tokens, the length of a reply, not --max-length")
     kwargs = {"max_new_tokens": 64, **kwargs, "num_return_sequences": 1}
     kwargs["stop_strings"] = list(kwargs.get("stop_strings") or []) + ["\n"]
-    history = ""
+    history: list[int] = []
     budget = model.config.max_seq_len - kwargs["max_new_tokens"]
     if budget < 2:  # bos and at least one token of the conversation
         raise ValueError(f"--max-new-tokens {kwargs['max_new_tokens']} leaves no room for the conversation in the "
                          f"model's max_seq_len of {model.config.max_seq_len}")
     continuation = continuation_ids(tokenizer)
+    newline = tokenizer.encode_continuation("\n", split_special_tokens=False)
+    end = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     while True:
         out.write("> ")
         out.flush()
         line = inp.readline()
         if not line.strip():
             return
-        turn = build_prompt(template, args.control, line.strip())
-        if not turn.endswith("\n"):
-            turn += "\n"
-        context = history + turn
-        ids = tokenizer.encode(context, add_special_tokens=False)
+        turn = encode_prompt(tokenizer, template, args.control or "", line.strip())[1:]  # without its bos
+        if not template.endswith("\n"):
+            turn += newline
+        ids = history + turn
         start = max(0, len(ids) - (budget - 1))  # keep the newest tokens; the bos token starts the window
         while start < len(ids) - 1 and ids[start] in continuation:  # and whole characters
             start += 1
         kept = ids[start:]
-        reply = complete(model, tokenizer, [tokenizer.bos_token_id] + kept, kwargs, stream=not args.no_stream, out=out)[0]
-        history = (tokenizer.decode(kept) if start else context) + reply.rstrip("\n") + "\n"
+        replies: list = []
+        complete(model, tokenizer, [tokenizer.bos_token_id] + kept, kwargs, stream=not args.no_stream, out=out,
+                 new_ids=replies)
+        reply = [i for i in replies[0] if i not in end]  # the reply's own ids, without an end id or padding
+        history = kept + reply + ([] if tokenizer.decode(reply).endswith("\n") else newline)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
