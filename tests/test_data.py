@@ -669,6 +669,8 @@ def test_a_task_file_with_invalid_utf8_names_file_and_line(tmp_path):
     path.write_bytes(good + b"\r\n\n" + '{"output": "中文"}\n'.encode())  # CRLF, blank lines and UTF-8 still read
     assert read_examples(path) == [{"control": "<|x|>", "input": "a", "output": "b"},
                                    {"control": "", "input": "", "output": "中文"}]
+    path.write_bytes(good + b"\r" + '{"output": "中文"}\r'.encode())  # old Mac line ends, as text mode read them
+    assert len(read_examples(path)) == 2
 
 
 # ----------------------------------------------------------------------------- markov

@@ -423,8 +423,9 @@ def test_bad_stage_settings_fail_before_training_naming_the_key(init_model, tmp_
     with pytest.raises(Exception, match=message):
         instantiate(cfg.stage.module)
     cfg = compose_cfg(["stage=finetune", f"init_from={init_model}", "stage.module.lora.enabled=true",
-                       "stage.module.lora.targets=[qkv]", "stage.module.evaluation.temperature=0"], tmp_path)
-    module = instantiate(cfg.stage.module)
+                       "stage.module.lora.targets=[qkv]", "stage.module.evaluation.temperature=0",
+                       "stage.module.evaluation.top_k=null"], tmp_path)
+    module = instantiate(cfg.stage.module)  # top_k null: the whole vocabulary, as generate takes it
     assert module.lora["targets"] == ["qkv"] and module.evaluation["temperature"] == 0
 
 

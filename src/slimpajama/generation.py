@@ -305,9 +305,13 @@ class StopStrings:
         for b, row in enumerate(rows):
             window = row if real is None else [i for i, r in zip(row, real[b]) if r]
             text = self._text(window)
+            found = [s for s in self.strings if s in text]
+            if not found:  # most steps: one decode
+                stopped.append(False)
+                continue
             # the text before the newest tokens, less a character they complete (U+FFFD until then)
             before = len(self._text(window[: max(0, len(window) - new)]).rstrip("\ufffd"))
-            stopped.append(any(s in text[max(0, before - len(s) + 1) :] for s in self.strings))
+            stopped.append(any(s in text[max(0, before - len(s) + 1) :] for s in found))
         return torch.tensor(stopped, device=ids.device)
 
 
@@ -700,7 +704,8 @@ def generate(
             if eos or stops is not None:  # one sync a step: the new ids, read in Python
                 finished = [t in eos for t in nxt.tolist()] if eos else [False] * n_rows
                 if stops is not None:
-                    stopped = stops(out[:n_rows, : pos + 1], mask[:n_rows, : pos + 1]).tolist()
+                    real = mask[:n_rows, : pos + 1] if left_padded else None  # padding is no text
+                    stopped = stops(out[:n_rows, : pos + 1], real).tolist()
                     finished = [f or s for f, s in zip(finished, stopped)]
                 if any(finished):
                     done |= torch.tensor(finished, device=device)

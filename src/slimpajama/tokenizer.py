@@ -109,6 +109,9 @@ class SlimPajamaTokenizer:
         self._tokens = _alternation([*SPECIAL_TOKENS.values(), *self.control_tokens])  # and by encode()
         # the special tokens SentencePiece does not print (decode puts their strings in)
         self._unspoken = set(sp_ids.values())
+        # fixed at load, as a live transformers tokenizer keeps a reassigned token's special flag: after
+        # pad_token = eos_token, decode(skip_special_tokens=True) still drops a <pad> that padded a row
+        self.all_special_ids = sorted(self._unspoken | set(self.control_token_ids))
 
     def _existing_id(self, token: Union[str, int], name: str) -> int:
         """The id of `token` (a piece or an id) of this vocabulary, for the special token `name`."""
@@ -126,12 +129,6 @@ class SlimPajamaTokenizer:
     def special_tokens_map(self) -> dict[str, str]:
         """As transformers': the bos, eos, unk and pad strings (the control tokens are `control_tokens`)."""
         return {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        """The ids of the bos, eos, unk and pad tokens as they are now (after `pad_token = eos_token` the
-        old pad id is an ordinary piece) and of the control tokens, as transformers'."""
-        return sorted(set(self._special_ids.values()) | set(self.control_token_ids))
 
     @property
     def all_special_tokens(self) -> list[str]:

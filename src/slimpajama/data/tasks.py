@@ -62,7 +62,7 @@ def read_examples(path: Path) -> list[dict]:
     """Examples of a jsonl file in the task format; a bad line is an error naming file and line."""
     rows = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(f.read().splitlines(), 1):  # \n, \r\n or \r, as text mode reads them
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

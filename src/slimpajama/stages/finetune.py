@@ -54,6 +54,8 @@ def check_evaluation_settings(settings: dict, key: str = "evaluation") -> None:
     if unknown:
         raise ValueError(f"{key}: unknown keys {unknown} (it takes {', '.join(EVAL_FLAGS + tuple(params))})")
     for name, value in settings.items():
+        if value is None and name == "top_k":  # as generate takes it: the whole vocabulary
+            continue
         kind = bool if name in EVAL_FLAGS else params[name].annotation
         if kind is bool:
             _check_flag(value, f"{key}.{name}")
