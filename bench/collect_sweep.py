@@ -40,12 +40,17 @@ def main(argv=None) -> int:
         out = Path(args.out or folder)
         out.mkdir(parents=True, exist_ok=True)
         csv_path, md_path = write_table(rows, out, metrics=tuple(dict.fromkeys([*DEFAULT_METRICS, args.y])))
-        dense = [r["prune/ppl_dense"] for r in rows if "prune/ppl_dense" in r]
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"collect_sweep: error: {e.args[0] if isinstance(e, KeyError) else e}")
+    dense = [r["prune/ppl_dense"] for r in rows if "prune/ppl_dense" in r]
+    try:
         png = plot(rows, out / "sweep.png", x=args.x, y=args.y, line=args.line, logy=not args.linear,
                    reference=dense[0] if dense and "ppl" in args.y else None,
                    title=f"{folder.parent.name}/{folder.name}")
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        sys.exit(f"collect_sweep: error: {e.args[0] if isinstance(e, KeyError) else e}")
+    except (KeyError, ValueError) as e:
+        (out / "sweep.png").unlink(missing_ok=True)  # an older plot beside the new table would disagree with it
+        sys.exit(f"collect_sweep: error: {e.args[0] if isinstance(e, KeyError) else e} "
+                 f"({csv_path.name} and {md_path.name} were written; no plot)")
     print(md_path.read_text())
     print(f"wrote {csv_path}, {md_path}, {png}")
     return 0

@@ -483,8 +483,9 @@ def test_collector_writes_a_table_and_a_plot(tmp_path, caplog):
     assert len((folder / "sweep.csv").read_text().splitlines()) == 5
     with pytest.raises(SystemExit, match="collect_sweep: error: .*multirun"):  # one line, not a traceback
         collect_sweep.main([str(tmp_path)])
-    with pytest.raises(SystemExit, match="prune.method='magnitude'.*needs numbers"):
+    with pytest.raises(SystemExit, match="prune.method='magnitude'.*needs numbers.*sweep.md were written; no plot"):
         collect_sweep.main([str(folder), "--x", "prune.method"])
+    assert not (folder / "sweep.png").exists() and (folder / "sweep.md").is_file()  # no plot of another table
     # a method-only sweep: the sparsity each job ran with comes from its config (it was not an override)
     only = tmp_path / "methods"
     for n, method in enumerate(["magnitude", "wanda"]):
