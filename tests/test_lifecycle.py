@@ -182,6 +182,7 @@ def test_a_resume_keeps_the_teacher_and_source_the_run_started_from(tmp_path, ca
     import torch
     from omegaconf import OmegaConf
 
+    from slimpajama.checkpointing import checkpoint_state
     from slimpajama.pipeline import _keep_the_runs_models
 
     started, newer = tmp_path / "pretrain-a" / "model", tmp_path / "pretrain-b" / "model"
@@ -190,13 +191,13 @@ def test_a_resume_keeps_the_teacher_and_source_the_run_started_from(tmp_path, ca
     torch.save({"hyper_parameters": {"teacher_dir": str(started), "source_dir": str(started)}}, ckpt)
     for chosen, expected in ((None, started), ("slimpajama/pretrain", started), (str(newer), newer)):
         cfg = OmegaConf.create({"teacher": chosen, "stage": {"module": {"teacher": "${teacher}"}}})
-        _keep_the_runs_models(cfg, str(ckpt))
+        _keep_the_runs_models(cfg, checkpoint_state(ckpt))
         assert cfg.stage.module.teacher == str(expected), chosen
     cfg = OmegaConf.create({"stage": {"module": {"init_from": None}}})  # prune
-    _keep_the_runs_models(cfg, str(ckpt))
+    _keep_the_runs_models(cfg, checkpoint_state(ckpt))
     assert cfg.stage.module.init_from == str(started)
     started.rmdir()
     cfg = OmegaConf.create({"stage": {"module": {"init_from": None}}})
     with caplog.at_level("WARNING", logger="slimpajama.pipeline"):
-        _keep_the_runs_models(cfg, str(ckpt))
+        _keep_the_runs_models(cfg, checkpoint_state(ckpt))
     assert cfg.stage.module.init_from is None and "no longer exists" in caplog.text

@@ -16,7 +16,7 @@ loss guard, and the W&B run id carried over on resume.
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
@@ -133,12 +133,19 @@ class RunIdentity(L.Callback):
             checkpoint[RUN_IDS_KEY] = ids
 
 
-def logger_ids(ckpt_path: _PATH) -> dict[str, str]:
-    """The run ids stored by `RunIdentity` in a checkpoint file (or a sharded checkpoint folder)."""
+def checkpoint_state(ckpt_path: _PATH) -> dict:
+    """A checkpoint file's contents, memory-mapped (tensors are read only when touched), or a sharded
+    checkpoint folder's non-tensor state (meta.pt; {} without one)."""
     path = Path(ckpt_path)
     if path.is_dir():  # FSDP sharded: the non-tensor state lives in meta.pt
         path = path / "meta.pt"
         if not path.is_file():
             return {}
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return dict(ckpt.get(RUN_IDS_KEY, {}))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def logger_ids(ckpt: Union[_PATH, dict]) -> dict[str, str]:
+    """The run ids stored by `RunIdentity` in a checkpoint (a file, a sharded checkpoint folder, or its
+    `checkpoint_state`)."""
+    state = ckpt if isinstance(ckpt, dict) else checkpoint_state(ckpt)
+    return dict(state.get(RUN_IDS_KEY, {}))

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from slimpajama.checkpointing import RunIdentity, logger_ids
+from slimpajama.checkpointing import RunIdentity, checkpoint_state, logger_ids
 from slimpajama.checks import is_finite_number
 from slimpajama.fsdp import full_model
 from slimpajama.pretrained import write_together
@@ -66,14 +66,11 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 PINNED_MODELS = {"teacher_dir": "teacher", "source_dir": "init_from"}
 
 
-def _keep_the_runs_models(cfg: DictConfig, ckpt_path: str) -> None:
+def _keep_the_runs_models(cfg: DictConfig, state: dict) -> None:
     """A resumed distill or prune run keeps the teacher or source model it started from, where the config
-    leaves the choice to `latest/` or a registered name: a run published since would be picked instead."""
-    path = Path(ckpt_path)
-    path = path / "meta.pt" if path.is_dir() else path  # a sharded (FSDP) checkpoint keeps them in meta.pt
-    if not path.is_file():
-        return
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    leaves the choice to `latest/` or a registered name: a run published since would be picked instead.
+    state: the checkpoint's `checkpoint_state`."""
+    saved = state.get("hyper_parameters", {})
     module = cfg.stage.module
     for saved_key, key in PINNED_MODELS.items():
         folder = saved.get(saved_key)
@@ -90,12 +87,13 @@ def _keep_the_runs_models(cfg: DictConfig, ckpt_path: str) -> None:
             module[key] = folder
 
 
-def _continue_logger_runs(cfg: DictConfig, ckpt_path: str) -> None:
-    """A resumed run logs into the same W&B run: the id stored in the checkpoint (`RunIdentity`)."""
+def _continue_logger_runs(cfg: DictConfig, state: dict) -> None:
+    """A resumed run logs into the same W&B run: the id stored in the checkpoint (`RunIdentity`); state:
+    the checkpoint's `checkpoint_state`."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is None or wandb_cfg.get("id"):
         return
-    run_id = logger_ids(ckpt_path).get("wandb")
+    run_id = logger_ids(state).get("wandb")
     if run_id:
         with open_dict(cfg):
             wandb_cfg.id = run_id
@@ -215,8 +213,9 @@ def _run(cfg: DictConfig) -> Optional[float]:
     check_sample(cfg.get("sample"))
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
-        _continue_logger_runs(cfg, ckpt_path)
-        _keep_the_runs_models(cfg, ckpt_path)
+        state = checkpoint_state(ckpt_path)  # read once, for both
+        _continue_logger_runs(cfg, state)
+        _keep_the_runs_models(cfg, state)
     datamodule = instantiate(cfg.data.module)
     module = instantiate(cfg.stage.module)
     callbacks = _objects(cfg.get("callbacks")) + [RunIdentity()]
