@@ -6,3 +6,8 @@ import math
 def is_finite_number(value) -> bool:
     """An int or float (not a bool, not a string from a YAML typo) that is neither NaN nor infinite."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def is_whole_number(value) -> bool:
+    """An int, not a bool (True is an int to Python, but no count) nor a float or string from a YAML typo."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from slimpajama.checks import is_whole_number
 from slimpajama.model import (
     DECODE_KERNELS, DECODE_MAX_ROWS, Linear, check_decode_kernel, inference_without_autocast,
 )
@@ -332,7 +333,7 @@ def _check_settings(temperature: float, top_k, top_p, min_p, repetition_penalty,
     filtered) or be silently ignored, as transformers checks them."""
     if not temperature >= 0 or math.isinf(temperature):  # NaN fails both comparisons
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+    if top_k is not None and (not is_whole_number(top_k) or top_k < 0):
         raise ValueError(f"top_k must be a whole number >= 0 (0: no top-k filtering), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -593,7 +594,7 @@ def generate(
         raise ValueError(f"attention_mask rows {empty} are all padding: each prompt needs at least one real token")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("a prompt ends with padding: pad on the left (tokenizer(..., padding_side='left'))")
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+    if not is_whole_number(num_return_sequences) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a whole number >= 1, got {num_return_sequences!r}")
     if num_return_sequences > 1 and not do_sample:
         raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding would return identical "

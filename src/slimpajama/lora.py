@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from slimpajama.checks import is_finite_number
+from slimpajama.checks import is_finite_number, is_whole_number
 
 
 class LoRALinear(nn.Module):
@@ -112,7 +112,7 @@ def check_lora_settings(settings: dict, key: str = "lora") -> None:
     if unknown:
         raise ValueError(f"{key}: unknown keys {unknown} (it takes enabled, {', '.join(LORA_KEYS)})")
     rank, alpha, dropout = settings.get("rank", 8), settings.get("alpha", 16.0), settings.get("dropout", 0.0)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    if not is_whole_number(rank) or rank <= 0:
         raise ValueError(f"{key}.rank={rank!r} must be a positive integer")
     if not is_finite_number(alpha) or alpha <= 0:
         raise ValueError(f"{key}.alpha={alpha!r} must be a positive number (the updates are scaled by alpha / rank)")

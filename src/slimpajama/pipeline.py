@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimpajama.checkpointing import RunIdentity, checkpoint_state, logger_ids
-from slimpajama.checks import is_finite_number
+from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.fsdp import full_model
 from slimpajama.pretrained import write_together
 
@@ -153,16 +153,16 @@ def check_sample(sample: Optional[DictConfig]) -> None:
     if not sample:
         return
     n = sample.get("max_new_tokens", 0)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not is_whole_number(n) or n < 0:
         raise ValueError(f"sample.max_new_tokens={n!r} must be a whole number >= 0 (0: no sample)")
     if n == 0:
         return
     t, k, count = sample.get("temperature"), sample.get("top_k"), sample.get("num_samples", 1)
     if t is not None and (not is_finite_number(t) or t < 0):
         raise ValueError(f"sample.temperature={t!r} must be a finite number >= 0, or null (greedy with top_k null)")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+    if k is not None and (not is_whole_number(k) or k < 0):
         raise ValueError(f"sample.top_k={k!r} must be a whole number >= 0 (0: the whole vocabulary), or null")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if not is_whole_number(count) or count < 1:
         raise ValueError(f"sample.num_samples={count!r} must be a whole number >= 1")
     if not isinstance(sample.get("prompt"), str):
         raise ValueError(f"sample.prompt={sample.get('prompt')!r} must be text")

@@ -27,7 +27,7 @@ import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
-from slimpajama.checks import is_finite_number
+from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.data.corpus import MarkovCorpus, PreparedCorpus, TextCorpus
 from slimpajama.data.reader import CorpusError
 
@@ -109,10 +109,6 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
         return state
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _mix(weights: dict[str, float]) -> str:
     return ", ".join(f"{s} {w:.1%}" for s, w in weights.items())
 
@@ -151,7 +147,7 @@ class SlimPajamaDataModule(L.LightningDataModule):
         under stream_cache_dir (default `<cache_dir>/stream`) as they are read."""
         super().__init__()
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if not (value is None and key == "val_batch_size") and not _is_positive_int(value):
+            if not (value is None and key == "val_batch_size") and not (is_whole_number(value) and value >= 1):
                 raise ValueError(f"data.{key} must be a whole number >= 1, got {value!r}")
         if weights is not None and not isinstance(weights, Mapping):
             raise ValueError(f"data.weights must map each source to its weight ({{source: weight, ...}}) or be "

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from slimpajama.checks import is_finite_number
+from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.data.finetune import resolve_init
 from slimpajama.lora import (apply_lora, check_lora_settings, check_lora_targets, has_lora, merge_lora,
                              row_trainable_weights)
@@ -59,7 +59,7 @@ def check_evaluation_settings(settings: dict, key: str = "evaluation") -> None:
         kind = bool if name in EVAL_FLAGS else params[name].annotation
         if kind is bool:
             _check_flag(value, f"{key}.{name}")
-        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        elif kind is int and not is_whole_number(value):
             raise ValueError(f"{key}.{name}={value!r} must be a whole number")
         elif kind is float and not is_finite_number(value):
             raise ValueError(f"{key}.{name}={value!r} must be a finite number")

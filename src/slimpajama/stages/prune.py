@@ -33,6 +33,7 @@ from safetensors import safe_open
 from torchmetrics import MeanMetric
 
 from slimpajama import pruning
+from slimpajama.checks import is_whole_number
 from slimpajama.generation import tokens_per_sec
 from slimpajama.losses import linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
@@ -126,7 +127,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                              "prune.prunable at its default and set a fraction to 0 to keep that part whole")
         for key, value in (("calibration_batches", calibration_batches), ("eval_batches", eval_batches),
                            ("generation_tokens", generation_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_whole_number(value) or value < 0:
                 raise ValueError(f"prune.{key}={value!r} must be a whole number >= 0")
         if method != "magnitude" and calibration_batches < 1:
             raise ValueError(f"prune.calibration_batches=0: prune.method={method} ranks weights by their activations "
@@ -174,7 +175,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
             pruning.check_sparsity(initial, "prune.gradual.initial_sparsity")
             start, end = self.gradual["start_step"], self.gradual["end_step"]
             for key, value in (("start_step", start), ("end_step", end)):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                if value is not None and (not is_whole_number(value) or value < 0):
                     raise ValueError(f"prune.gradual.{key}={value!r} must be a whole number of steps >= 0")
             if start is None:
                 raise ValueError("prune.gradual.start_step=None: give the step the schedule starts at (e.g. 0)")
