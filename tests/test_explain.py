@@ -11,6 +11,7 @@ import torch
 
 from conftest import CONTROL
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
+from slimpajama.generation import encode_prompt
 from slimpajama.explain import (
     Explanation,
     attention_probs,
@@ -149,6 +150,24 @@ def test_a_given_continuation_is_scored_not_generated(model, tok):
     np.testing.assert_allclose([s.logprob for s in ex.steps], logp.tolist(), rtol=1e-5)
     split = explain(model, tok, "The riv", continuation="er")  # a word cut in two keeps its letters
     assert tok.decode(split.ids[split.prompt_length :]) == "er"
+
+
+def test_the_prompt_and_continuation_are_encoded_as_fine_tuning_encodes_them(model, tok):
+    """A special-token string typed into the prompt or the continuation is plain text, as in fine-tuning
+    and the CLI; the control signal keeps its token; a template's tail comes before the continuation."""
+    ex = explain(model, tok, "a </s> b", continuation=" </s> c", control=CONTROL[0])
+    assert ex.ids[: ex.prompt_length] == encode_prompt(tok, "{control}{input}", CONTROL[0], "a </s> b")
+    assert tok.eos_token_id not in ex.ids and tok.convert_tokens_to_ids(CONTROL[0]) in ex.ids
+    assert ex.text == " </s> c"
+    template = "{control}Q: {input}\nA:"
+    tail = explain(model, tok, "why", continuation=" so", control=CONTROL[0], template=template)
+    prompt = encode_prompt(tok, template, CONTROL[0], "why")
+    assert tail.ids == prompt + tok.encode_continuation(" so")
+    plain = encode_prompt(tok, template, "", "why")  # attribution: the same prompt without the control
+    direct = sequence_logprobs(model, tail.ids, len(prompt)) - sequence_logprobs(model, plain + tail.ids[len(prompt):], len(plain))
+    np.testing.assert_allclose([s.attribution for s in tail.steps], direct.tolist(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"template='\{input\}' must contain \{control\} then \{input\}"):
+        explain(model, tok, "why", template="{input}")
 
 
 def test_json_round_trips(ex, tmp_path):

@@ -16,8 +16,9 @@ For each generated (or given, `continuation=`) token it reports
 - control attribution: log p(token | control) - log p(token | no control), in nats, and against an
   alternative control value (`alt_control`): the tokens the control signal caused stand out.
 
-The prompt is built as the CLI builds it, with the model's `prompt_template` ("{control}{input}"
-unless the fine-tuning stage saved another one). Probabilities are the model's own (temperature 1),
+The prompt is built and encoded as the CLI and fine-tuning build it, with the model's `prompt_template`
+("{control}{input}" unless the fine-tuning stage saved another one): the control signal's tokens kept,
+the prompt's text (and a given continuation) as plain text. Probabilities are the model's own (temperature 1),
 whatever decoding chose the tokens. Surprisal and entropy are in bits, log-probabilities in nats.
 """
 
@@ -35,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from slimpajama.generation import build_prompt, prompt_template
+from slimpajama.generation import check_template, encode_prompt, prompt_template
 from slimpajama.model import Attention, apply_rope
 from slimpajama.tokenizer import SPECIAL_TOKENS
 
@@ -198,15 +199,18 @@ def _rank(logprobs: torch.Tensor, token: int) -> int:
 
 
 # ---- building the prompt and the sequence ---------------------------------------------------------
-def _continuation_ids(tokenizer, prompt_ids: list, prompt_text: str, continuation: Union[str, Sequence[int]]) -> list:
-    """Token ids of `continuation` after the prompt: the tokenizer's own split of prompt + continuation
-    when it keeps the prompt's tokens, else the continuation encoded on its own without a leading space."""
+def _continuation_ids(tokenizer, template: str, control: str, prompt: str, prompt_ids: list,
+                      continuation: Union[str, Sequence[int]]) -> list:
+    """Token ids of `continuation` after the prompt, as plain text (as fine-tuning encodes an output).
+    Where the template ends with the input, the tokenizer's own split of prompt + continuation when it
+    keeps the prompt's tokens; else the continuation encoded on its own without a leading space."""
     if not isinstance(continuation, str):
         return [int(i) for i in continuation]
-    joint = tokenizer.encode(prompt_text + continuation)
-    if joint[: len(prompt_ids)] == prompt_ids:
-        return joint[len(prompt_ids):]
-    return tokenizer._encode_piece(continuation, dummy_prefix=False)  # "Hel" + "lo": not "Hel" + " lo"
+    if template.endswith("{input}"):
+        joint = encode_prompt(tokenizer, template, control, prompt + continuation)
+        if joint[: len(prompt_ids)] == prompt_ids:
+            return joint[len(prompt_ids):]
+    return tokenizer.encode_continuation(continuation, split_special_tokens=True)  # "Hel" + "lo": not "Hel" + " lo"
 
 
 def token_texts(tokenizer, ids: Sequence[int]) -> list:
@@ -277,6 +281,7 @@ def explain(
     config = model.config
     if template is None:
         template = prompt_template(model)
+    check_template(template, "template")
     n_layer = config.n_layer
     layers = list(range(n_layer)) if layers is None else sorted({i % n_layer if -n_layer <= i < 0 else i for i in layers})
     bad = [i for i in layers if not 0 <= i < n_layer]
@@ -289,8 +294,7 @@ def explain(
     model.eval()
     try:
         # 1. the sequence: prompt (with control) + the continuation, generated or given
-        prompt_text = build_prompt(template, control, prompt)
-        prompt_ids = tokenizer.encode(prompt_text)
+        prompt_ids = encode_prompt(tokenizer, template, control or "", prompt)
         gen = {"do_sample": False, **(generate_kwargs or {})}
         if continuation is None:
             out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens,
@@ -298,7 +302,7 @@ def explain(
             new_ids = out[0, len(prompt_ids):].tolist()
             generation = {"mode": "generate", "max_new_tokens": max_new_tokens, **gen}
         else:
-            new_ids = _continuation_ids(tokenizer, prompt_ids, prompt_text, continuation)
+            new_ids = _continuation_ids(tokenizer, template, control or "", prompt, prompt_ids, continuation)
             generation = {"mode": "continuation"}
         if not new_ids:
             raise ValueError("nothing to explain: the continuation is empty (or generation stopped at once)")
@@ -341,7 +345,7 @@ def explain(
         with_c = sequence_logprobs(model, ids, P) if control is not None or alt_control is not None else None
 
         def attribution_vs(other: Optional[str]) -> list:
-            other_ids = tokenizer.encode(build_prompt(template, other, prompt))
+            other_ids = encode_prompt(tokenizer, template, other or "", prompt)
             if len(other_ids) + len(new_ids) > config.max_seq_len:
                 raise ValueError(f"the prompt with control {other!r} + continuation exceeds max_seq_len")
             return (with_c - sequence_logprobs(model, other_ids + new_ids, len(other_ids))).tolist()

@@ -45,14 +45,6 @@ def prompt_template(model) -> str:
     return (getattr(model, "generation_config", None) or {}).get("prompt_template", DEFAULT_TEMPLATE)
 
 
-def build_prompt(template: str, control: Optional[str], text: str) -> str:
-    """`template` with `control` (None: none) and the user's `text` in place of {control} and {input}."""
-    try:
-        return template.format(control=control or "", input=text)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"prompt_template {template!r} must use only {{control}} and {{input}}") from e
-
-
 def check_template(template: str, key: str = "data.prompt_template") -> tuple[str, str]:
     """The template's text before and after `{input}`; `{control}` must come before `{input}`. `key`: what
     an error names (the config key, or the file the template came from)."""
