@@ -492,33 +492,104 @@ def test_a_long_prompt_is_cut_to_fit_keeping_the_templates_tail(tok):
     assert fit_prompt(tok, template, prompt[:10], 20) == prompt[:10]
 
 
-def test_a_resumed_run_continues_with_the_next_unseen_batch(init_model, tmp_path):
-    """Stopped at step 4 of a pass and resumed with ckpt_path=last: steps 5-8 train on the batches, and
-    give the losses, of the uninterrupted run. A resume with another data.batch_size is refused."""
-    import csv
-
-    from slimpajama.pipeline import run
-
+def _resume_overrides(init_model, tmp_path) -> list[str]:
+    """A fine-tuning run of 8 steps of batch 4 over two user tasks, logging train/loss every step."""
     files = _user_tasks(tmp_path)
     custom = ",".join(f"{n}:{{kind:{k},path:'{files[n]}',weight:1}}" for n, k in (("gen", "generation"), ("cls", "classification")))
-    overrides = [o for o in TINY if not o.startswith(("data", "model", "callbacks"))] + [
+    return [o for o in TINY if not o.startswith(("data", "model", "callbacks"))] + [
         "stage=finetune", f"init_from={init_model}", "data.tasks=null", f"data.custom={{{custom}}}", "data.seq_len=63",
         "data.batch_size=4", "stage.module.evaluation.enabled=false", "stage.module.scheduler.max_steps=8",
         "trainer.val_check_interval=100", "trainer.log_every_n_steps=1", "final_validation=false",
         "sample.max_new_tokens=0", "callbacks=default", "~callbacks.progress_bar", "~callbacks.throughput",
         "~callbacks.model_summary"]
 
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _same_losses(resumed: dict, full: dict) -> None:
+    assert sorted(resumed) == [4, 5, 6, 7] and sorted(full) == list(range(8))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_a_resumed_run_continues_with_the_next_unseen_batch(init_model, tmp_path):
+    """Stopped at step 4 of a pass and resumed with ckpt_path=last: steps 5-8 train on the batches, and
+    give the losses, of the uninterrupted run. A resume with another data.batch_size is refused."""
+    from slimpajama.pipeline import run
+
+    overrides = _resume_overrides(init_model, tmp_path)
+
     def train(name, *extra):
         cfg = compose_cfg(overrides + list(extra), tmp_path, output_dir=tmp_path / "logs" / "finetune" / "runs" / name)
         run(cfg)
-        with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
-            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return _train_losses(Path(cfg.paths.output_dir))
 
     train("stopped", "trainer.max_steps=4")
     resumed = train("resumed", "trainer.max_steps=8", "ckpt_path=last")
     with pytest.raises(Exception, match=r"data.batch_size \(was 4, now 2\)"):
         train("other-batch", "trainer.max_steps=8", "ckpt_path=last", "data.batch_size=2")
-    full = train("full", "trainer.max_steps=8")
-    assert sorted(resumed) == [4, 5, 6, 7] and sorted(full) == list(range(8))
-    for step in resumed:
-        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    _same_losses(resumed, train("full", "trainer.max_steps=8"))
+
+
+def test_each_rank_draws_the_share_lightnings_distributed_wrapper_gives_and_resumes_in_it():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from slimpajama.data.finetune import ResumableSampler, ResumableTaskLoader
+
+    weights = [1, 2, 3, 1, 1, 0.5, 2]
+    for replicas in (2, 3):
+        for rank in range(replicas):
+            wrapped = DistributedSamplerWrapper(ResumableSampler(weights, 7, seed=5), num_replicas=replicas,
+                                                rank=rank, shuffle=False)
+            loader = ResumableTaskLoader(list(range(7)), 1, wrapped, settings={})  # as Lightning rebuilds it
+            assert loader.sampler is not wrapped and len(loader.sampler) == len(wrapped) == math.ceil(7 / replicas)
+            passes = [list(wrapped) for _ in range(3)]
+            assert [list(loader.sampler) for _ in range(3)] == passes  # the same pass after pass, every index once
+            # stopped after the first index of the second pass, then resumed from the saved state
+            fresh = ResumableTaskLoader(list(range(7)), 1, wrapped, settings={})
+            batches = iter(fresh)
+            list(batches)
+            it = iter(fresh)
+            next(it)
+            fresh.mark_consumed()
+            state = fresh.state_dict()
+            resumed = ResumableTaskLoader(list(range(7)), 1, DistributedSamplerWrapper(
+                ResumableSampler(weights, 7, seed=5), num_replicas=replicas, rank=rank, shuffle=False), settings={})
+            resumed.load_state_dict(state)
+            assert [int(b) for b in resumed] == passes[1][1:]
+            assert [int(b) for b in resumed] == passes[2]
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_run_continues_each_ranks_share(init_model, tmp_path):
+    """`trainer=ddp` on two CPU processes: stopped at step 4 and resumed, steps 5-8 give the losses of the
+    uninterrupted run (each rank goes on with its own next unseen batch)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    overrides = _resume_overrides(init_model, tmp_path) + [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    def train(name, *extra):
+        run_dir = tmp_path / "logs" / "finetune" / "runs" / name
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, *extra, f"hydra.run.dir={run_dir}"],
+                              env=env, capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        return _train_losses(run_dir)
+
+    train("stopped", "trainer.max_steps=4")
+    resumed = train("resumed", "trainer.max_steps=8", "ckpt_path=last")
+    log = "".join(p.read_text() for p in (tmp_path / "logs" / "finetune" / "runs" / "resumed").glob("*.log"))
+    assert "resuming from" in log and "from the start of its pass" not in log
+    _same_losses(resumed, train("full", "trainer.max_steps=8"))
+
+

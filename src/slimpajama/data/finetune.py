@@ -14,13 +14,14 @@ validation runs over every task's validation split.
 """
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from slimpajama.checks import is_finite_number
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
@@ -112,27 +113,39 @@ def _custom_spec(name: str, spec) -> dict:
 
 class ResumableSampler(Sampler[int]):
     """`WeightedRandomSampler`'s draws (with replacement, every pass from one seeded generator) that can
-    start a pass part-way: `resume` sets the generator back to the pass's start and skips its first
-    indices, so a resumed run draws what the uninterrupted one drew."""
+    start a pass part-way: `resume` sets the generator back to the pass's start and skips the first
+    indices of this sampler's share, so a resumed run draws what the uninterrupted one drew.
 
-    def __init__(self, weights: Sequence[float], num_samples: int, seed: int):
+    Under data parallelism each rank's sampler is `shard(rank, num_replicas)`: every rank draws the same
+    pass and takes its share as Lightning's `DistributedSamplerWrapper` without shuffling would (the pass
+    padded with its first indices to a multiple of the replicas, then every `num_replicas`-th index from
+    `rank`)."""
+
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int, rank: int = 0, num_replicas: int = 1):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} replicas")
         self.weights = torch.as_tensor(weights, dtype=torch.double)
-        self.num_samples = num_samples
+        self.num_samples, self.seed, self.rank, self.num_replicas = num_samples, seed, rank, num_replicas
         self.generator = torch.Generator().manual_seed(seed)
         self.pass_start = self.generator.get_state()  # the generator's state when the current pass began
         self._resume: Optional[tuple[torch.Tensor, int]] = None
         self._indices: Optional[list[int]] = None
 
+    def shard(self, rank: int, num_replicas: int) -> "ResumableSampler":
+        """The sampler of one rank of `num_replicas`, from the same seed (an unstarted sampler only)."""
+        return ResumableSampler(self.weights, self.num_samples, self.seed, rank, num_replicas)
+
     def resume(self, pass_start: torch.Tensor, skip: int) -> None:
         self._resume = (pass_start, skip)
 
     def start_pass(self) -> int:
-        """Draw the next pass (or the resumed one, less its first indices); returns how many it skips."""
+        """Draw the next pass (or the resumed one, less the first indices of this share); returns how
+        many it skips."""
         skip = 0
         if self._resume is not None:
             (state, skip), self._resume = self._resume, None
             self.generator.set_state(state)
-            if skip >= self.num_samples:  # the pass had ended: draw it to move on, then a new one
+            if skip >= len(self):  # the pass had ended: draw it to move on, then a new one
                 self._draw()
                 skip = 0
         self.pass_start = self.generator.get_state()
@@ -140,7 +153,14 @@ class ResumableSampler(Sampler[int]):
         return skip
 
     def _draw(self) -> list[int]:
-        return torch.multinomial(self.weights, self.num_samples, True, generator=self.generator).tolist()
+        """This rank's share of the next pass."""
+        drawn = torch.multinomial(self.weights, self.num_samples, True, generator=self.generator).tolist()
+        if self.num_replicas == 1:
+            return drawn
+        total = len(self) * self.num_replicas
+        while len(drawn) < total:  # as DistributedSampler pads: with the pass's first indices
+            drawn += drawn[: total - len(drawn)]
+        return drawn[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         if self._indices is None:
@@ -149,20 +169,36 @@ class ResumableSampler(Sampler[int]):
         return iter(indices)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return math.ceil(self.num_samples / self.num_replicas)
+
+
+def _resumable(sampler: Sampler) -> Optional[ResumableSampler]:
+    """The ResumableSampler behind `sampler`: itself, or the one Lightning wrapped for data parallelism
+    (`DistributedSamplerWrapper`), sharded for its rank; None for any other sampler."""
+    if isinstance(sampler, ResumableSampler):
+        return sampler
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # DistributedSamplerWrapper's sampler
+    if isinstance(sampler, DistributedSampler) and isinstance(inner, ResumableSampler):
+        # the wrapper's own shuffle (Lightning sets it for a training loader) would permute draws that are
+        # already random and independent, so each rank takes its share of the pass in order
+        return inner.shard(sampler.rank, sampler.num_replicas)
+    return None
 
 
 class ResumableTaskLoader(DataLoader):
     """The training loader, whose `state_dict()` is the position after the last *consumed* batch (the
     data module counts them in `on_before_batch_transfer`, however far the fetcher reads ahead), as
-    the pretraining loader's is: a resume continues with the next unseen batch. A resume with other
+    the pretraining loader's is: a resume continues with the next unseen batch, on one device or under
+    data parallelism (each rank's position is the same count of batches). A resume with other
     `settings` (batch size, task mix) is refused, naming them."""
 
     def __init__(self, dataset, batch_size: int, sampler: Sampler, settings: dict, **kwargs):
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        # Lightning rebuilds the loader for data parallelism around a DistributedSamplerWrapper of our
+        # sampler: each rank takes the same share from that rank's own ResumableSampler instead
+        resumable = _resumable(sampler)
+        super().__init__(dataset, batch_size=batch_size, sampler=resumable or sampler, drop_last=True, **kwargs)
         self.settings = settings
-        # None when Lightning rebuilt the loader around a distributed sampler (DDP): no exact position then
-        self._resumable = sampler if isinstance(sampler, ResumableSampler) else None
+        self._resumable = resumable  # None for a sampler of another kind: no exact position then
         self._consumed = 0  # batches of the current pass the training loop has taken
 
     def __iter__(self):
@@ -186,11 +222,11 @@ class ResumableTaskLoader(DataLoader):
             raise ValueError(f"the checkpoint was saved with other data settings: {'; '.join(changed)}. Resume with "
                              "the original data settings, or start a new run (without ckpt_path)")
         if self._resumable is None or "consumed" not in state:
-            log.warning("resuming the fine-tuning data from the start of its pass: the position is exact on one "
-                        "device only")
+            log.warning("resuming the fine-tuning data from the start of its pass: the checkpoint or the sampler "
+                        "has no position in it")
             return
         consumed = state["consumed"]
-        skip = self._resumable.num_samples if consumed >= len(self) else consumed * self.batch_size
+        skip = len(self._resumable) if consumed >= len(self) else consumed * self.batch_size
         self._resumable.resume(state["pass_start"], skip)
 
 
@@ -220,7 +256,6 @@ class FinetuneDataModule(L.LightningDataModule):
         built once; init_from: the model whose tokenizer is grown (null: the newest finished model);
         max_val_examples: per task, for the validation loss (the test split is for evaluation)."""
         super().__init__()
-        self._train_loader: Optional[ResumableTaskLoader] = None
         for name, weight in (tasks or {}).items():  # as data.custom.<name>.weight: no NaN, inf, bool or string
             if not is_finite_number(weight) or weight < 0:
                 raise ValueError(f"data.tasks.{name}={weight!r} must be a finite number >= 0")
@@ -313,16 +348,17 @@ class FinetuneDataModule(L.LightningDataModule):
             items += rows
             weights += [share / len(rows)] * len(rows)  # each task draws its share, whatever its size
         pad = self._tokenizer.pad_token_id
-        self._train_loader = ResumableTaskLoader(
+        return ResumableTaskLoader(
             _Examples(items), batch_size=self.batch_size, sampler=ResumableSampler(weights, len(items), self.seed),
             settings={"data.batch_size": self.batch_size, "data.tasks": dict(self.mix)},
             num_workers=self.num_workers, collate_fn=lambda b: collate(b, pad))
-        return self._train_loader
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # called when the training loop takes a batch to train on (not when it reads ahead)
-        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
-            self._train_loader.mark_consumed()
+        # called when the training loop takes a batch to train on (not when it reads ahead); the loader is
+        # the trainer's, which under data parallelism is Lightning's rebuild of the one returned above
+        loader = self.trainer.train_dataloader if self.trainer is not None and self.trainer.training else None
+        if isinstance(loader, ResumableTaskLoader):
+            loader.mark_consumed()
         return batch
 
     def val_dataloader(self) -> DataLoader:
