@@ -725,6 +725,43 @@ def test_from_pretrained_dtype_and_device(tmp_path):
     assert SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto").lm_head.weight.dtype == torch.bfloat16
     ids = torch.randint(4, VOCAB, (1, 6))
     assert greedy(bf16, ids, n=5).shape == (1, 11)
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path, dtype=torch.bfloat16)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # records no dtype: "auto" is the stored weights'
+    assert SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.bfloat16
+
+
+def test_save_pretrained_keeps_the_loaded_generation_config_under_the_one_passed(tmp_path):
+    """Load, then save: the folder's prompt template, end ids and defaults survive, as with transformers."""
+    saved = {"eos_token_id": [2, 5], "prompt_template": "{control}Q: {input}\nA:", "max_new_tokens": 7}
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path / "a", generation_config=saved)
+    loaded = SlimPajamaModel.from_pretrained(tmp_path / "a")
+    loaded.save_pretrained(tmp_path / "b", generation_config={"max_new_tokens": 9})
+    again = json.loads((tmp_path / "b" / "generation_config.json").read_text())
+    assert again == {**json.loads((tmp_path / "a" / "generation_config.json").read_text()), "max_new_tokens": 9}
+    assert again["eos_token_id"] == [2, 5] and again["prompt_template"] == saved["prompt_template"]
+
+
+def test_the_attributes_a_transformers_script_reaches_for(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for tie in (False, True):
+        model = SlimPajamaModel(tiny(tie_embeddings=tie))
+        model.save_pretrained(tmp_path / str(tie))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / str(tie))
+        for kw in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+            assert model.num_parameters(**kw) == hf.num_parameters(**kw), (tie, kw)
+        assert (model.device, model.dtype) == (hf.device, hf.dtype)
+        assert model.get_input_embeddings() is model.embed_tokens and model.get_output_embeddings() is model.lm_head
+    model.lm_head.weight.requires_grad_(False)  # tied: the embedding too
+    assert model.num_parameters(only_trainable=True) == model.num_parameters() - model.embed_tokens.weight.numel()
+    assert SlimPajamaModel.from_pretrained(tmp_path / "True", torch_dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_position_ids_of_another_shape_are_refused(model):
+    ids = torch.randint(4, VOCAB, (2, 6))
+    torch.testing.assert_close(model(ids, position_ids=torch.arange(6)[None]), model(ids))  # (1, T) broadcasts
+    for bad in (torch.arange(6), torch.arange(5)[None], torch.zeros(3, 6, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"position_ids of shape .* expected \(2, 6\) or \(1, 6\)"):
+            model(ids, position_ids=bad)
 
 
 # ---- Hugging Face parity --------------------------------------------------------------------------------

@@ -601,7 +601,7 @@ class Transformer(nn.Module):
         0 .. start + T - 1 (a prefill is start 0, a decoding step is one slot), so no mask is built
         unless padding or a chunked prefill needs one.
         attention_mask (B, S) marks real (1) vs padding (0) key positions (S >= the keys attended to);
-        position_ids (B, T) give rotary positions when they differ from the slots (left padding).
+        position_ids (B, T) or (1, T) give rotary positions when they differ from the slots (left padding).
         apply_head=False returns the final normed hidden states (B, T, d) instead of logits, for a loss
         that applies the output head itself (losses.linear_cross_entropy).
         """
@@ -624,6 +624,9 @@ class Transformer(nn.Module):
             mask = key_padding_mask(attention_mask, mask.size(-1), mask)
         if position_ids is None and start is None and T > self.cos.size(0):  # packed rows bring their positions
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cos.size(0)}")
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.size(1) != T or position_ids.size(0) not in (1, B)):
+            raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} for input_ids of shape {(B, T)}: "
+                             f"expected ({B}, {T}) or (1, {T})")
         if position_ids is not None and not torch.compiler.is_compiling() and int(position_ids.max()) >= self.cos.size(0):
             raise ValueError(f"position {int(position_ids.max())} is past model.max_seq_len={self.cos.size(0)}")
         cos, sin = self.rotary(0 if start is None else start, T, position_ids)

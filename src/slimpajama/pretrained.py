@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from slimpajama.model import SlimPajamaConfig, Transformer, rope_cache
@@ -57,9 +58,18 @@ def config_to_hf(config: SlimPajamaConfig, dtype: torch.dtype = torch.float32) -
     return hf
 
 
-def saved_dtype(hf: dict) -> str:
-    """The weights' dtype a config.json records: transformers 5 writes "dtype", 4 (and we) "torch_dtype"."""
-    return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+def folder_dtype(directory: Path, hf: dict) -> torch.dtype:
+    """The dtype of a folder's weights, as transformers' "auto" takes it: what its config.json `hf`
+    records (transformers 5 writes "dtype", 4 and we "torch_dtype"), else that of its first floating
+    point tensor."""
+    dtype = getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype")), None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    with safe_open(str(weight_files(directory)[0]), "pt") as f:
+        for key in f.keys():
+            if (t := f.get_slice(key)[:0]).is_floating_point():
+                return t.dtype
+    return torch.float32
 
 
 def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> SlimPajamaConfig:
@@ -164,19 +174,45 @@ class SlimPajamaModel(Transformer):
         self, directory: Union[str, os.PathLike], generation_config: dict = None, dtype: Optional[torch.dtype] = None
     ) -> None:
         """Weights (safetensors), config.json and generation_config.json, written together. dtype: the
-        weights' dtype in the files (default: the model's)."""
+        weights' dtype in the files (default: the model's). generation_config.json holds the model's own
+        `generation_config` (what `from_pretrained` read, e.g. a prompt template or end ids) updated with
+        the `generation_config` passed here, as transformers saves its model's."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.lm_head.weight.dtype
         sd = state_dict_to_hf({k: v.detach().cpu().to(dtype) for k, v in self.state_dict().items()}, self.config)
         hf = config_to_hf(self.config, dtype)
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
-               "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
+               "pad_token_id": self.config.pad_token_id, **(getattr(self, "generation_config", None) or {}),
+               **(generation_config or {})}
         write_together({
             directory / WEIGHTS_FILE: lambda p: save_file(sd, str(p), metadata={"format": "pt"}),
             directory / CONFIG_FILE: lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"),
             directory / GENERATION_CONFIG_FILE: lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"),
         })
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (`inputs.to(model.device)`, as with a transformers model)."""
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count: tied weights once; `exclude_embeddings` leaves out the input embedding
+        (only it: an untied output head counts, as in transformers)."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+        if exclude_embeddings:
+            params.pop(id(self.embed_tokens.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.lm_head
 
     @torch.no_grad()
     def resize_token_embeddings(self, new_num_tokens: int) -> "SlimPajamaModel":
@@ -222,7 +258,7 @@ class SlimPajamaModel(Transformer):
         config = config_from_hf(hf_config, str(config_path))
         dtype = torch_dtype if torch_dtype is not None else dtype
         if dtype == "auto":
-            dtype = saved_dtype(hf_config)
+            dtype = folder_dtype(directory, hf_config)
         if isinstance(dtype, str):
             name, dtype = dtype, getattr(torch, dtype, None)
             if not isinstance(dtype, torch.dtype):

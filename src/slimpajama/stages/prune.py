@@ -37,7 +37,7 @@ from slimpajama.checks import is_whole_number
 from slimpajama.generation import tokens_per_sec
 from slimpajama.losses import linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
-from slimpajama.pretrained import CONFIG_FILE, WEIGHTS_FILE, SlimPajamaModel, saved_dtype, weight_files
+from slimpajama.pretrained import CONFIG_FILE, WEIGHTS_FILE, SlimPajamaModel, folder_dtype, weight_files
 from slimpajama.registry import latest_model, resolve_model
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,8 @@ def saved_tensor_names(module_name: str, tied: bool = False) -> list[str]:
 
 
 def source_dtype(folder: Path) -> torch.dtype:
-    """The weights' dtype a model folder's config.json records (float32 when it names none we know)."""
-    dtype = getattr(torch, saved_dtype(json.loads((Path(folder) / CONFIG_FILE).read_text())), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    """The dtype of a model folder's weights (`folder_dtype`: as config.json records it, else as stored)."""
+    return folder_dtype(Path(folder), json.loads((Path(folder) / CONFIG_FILE).read_text()))
 
 
 @torch.no_grad()
