@@ -250,6 +250,27 @@ def test_train_and_val_dataloaders(prepared):
     assert torch.equal(torch.cat(list(dm.train_dataloader())), allb)  # seeded: the same blocks again
 
 
+def test_an_epochs_short_last_batch_is_not_trained_on(prepared):
+    """LitData's drop_last only evens out the ranks' shares, and torch's loader would yield the epoch's
+    last, short batch: a full optimizer step on a few rows. The training loader drops it, and only it."""
+    short_seen = False
+    for batch_size in (3, 5, 7):
+        def loader(drop_short=True):
+            dm = SlimPajamaDataModule(prepared.corpus, seq_len=SEQ_LEN, batch_size=batch_size,
+                                      cache_dir=str(prepared.cache), progress=False)
+            dm.setup()
+            loader = dm.train_dataloader()
+            loader.drop_short = drop_short
+            return loader
+
+        batches, every = list(loader()), list(loader(drop_short=False))
+        short_seen |= len(every[-1]) < batch_size
+        assert len(every) - len(batches) == (len(every[-1]) < batch_size)
+        assert all(torch.equal(a, b) for a, b in zip(batches, every))
+        assert all(len(b) == batch_size for b in batches)
+    assert short_seen  # the case arose
+
+
 @pytest.mark.slow
 def test_val_dataloader_covers_every_block(prepared):
     dm = datamodule(prepared.corpus, prepared.cache, val_batch_size=16)

@@ -41,25 +41,36 @@ class ResumableStreamingDataLoader(StreamingDataLoader):
     when it starts training on a batch (the data module does, in `on_before_batch_transfer`), and
     `state_dict()` returns the snapshot of the last consumed batch, however far the fetcher has read
     ahead. Resuming from it continues with the next unseen batch: none repeated, none skipped.
-    With `track_consumed=False` it is a plain `StreamingDataLoader`."""
+    With `track_consumed=False` it is a plain `StreamingDataLoader`.
 
-    def __init__(self, *args, track_consumed: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    With `drop_last=True` an epoch's last, short batch is not yielded (LitData's `drop_last` only evens
+    out the ranks' and workers' shares, and torch's loader would yield it): every optimizer step sees
+    `batch_size` rows."""
+
+    def __init__(self, *args, track_consumed: bool = True, drop_last: Optional[bool] = None, **kwargs):
+        super().__init__(*args, drop_last=drop_last, **kwargs)
         self.track_consumed = track_consumed
+        self.drop_short = bool(drop_last)
         self._consumed = 0  # batches of the current iteration the consumer has taken
         self._snapshots: deque[tuple[int, dict]] = deque()  # (batches yielded, state after them)
         self._start_state: Optional[dict] = None  # the state before the first batch of this iteration
 
+    def _batches(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if self.drop_short and len(batch) < self.batch_size:  # the epoch's last batch: nothing follows it
+                continue
+            yield batch
+
     def __iter__(self) -> Iterator[Any]:
         if not self.track_consumed:
-            yield from super().__iter__()
+            yield from self._batches()
             return
         restoring = self.restore
         before = (deepcopy(self._num_samples_yielded_wrapper), self._num_samples_yielded_streaming,
                   self._latest_worker_idx)
         self._consumed, self._start_state = 0, None
         self._snapshots.clear()
-        for n, batch in enumerate(super().__iter__(), start=1):
+        for n, batch in enumerate(self._batches(), start=1):
             if n == 1:
                 self._start_state = self._state_before_first_batch(restoring, before)
             self._snapshots.append((n, _detached(super().state_dict())))
