@@ -285,7 +285,8 @@ def test_optuna_search_runs_trials_and_reports_the_best_val_loss(corpus_dir, tmp
 def test_throughput_leaves_validation_time_out_and_keeps_the_batches_before_it(monkeypatch):
     """10 batches of 64 tokens a second each, with 100 s of validation after the 5th: 64 tokens/s over the
     window. Restarting the window at validation dropped 5 batches and logged nothing at the window's end
-    (Lightning then wrote the previous window's rate again)."""
+    (Lightning then wrote the previous window's rate again). The fit's first batch (50 s: compilation)
+    is in no window."""
     from types import SimpleNamespace
 
     from slimpajama import callbacks
@@ -298,6 +299,9 @@ def test_throughput_leaves_validation_time_out_and_keeps_the_batches_before_it(m
     trainer = SimpleNamespace(accumulate_grad_batches=1, world_size=1)
     monitor = callbacks.ThroughputMonitor(peak_flops=1e6, log_every_n_steps=10)
     batch = torch.zeros(1, 65, dtype=torch.long)
+    monitor.on_train_batch_start(trainer, module, batch, 0)  # the first batch waits for torch.compile: left out
+    clock.now += 50.0
+    monitor.on_train_batch_end(trainer, module, None, batch, 0)
     for i in range(10):
         if i == 5:
             monitor.on_validation_start(trainer, module)
@@ -353,3 +357,16 @@ def test_a_sigterm_in_the_final_validation_exits_143_and_publishes_nothing(tiny_
     with pytest.raises(SystemExit) as stopped:
         train(tiny_overrides + ["trainer.max_steps=2"], tmp_path)
     assert stopped.value.code == 143 and not (tmp_path / "logs" / "latest").exists()
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
+    from slimpajama.optim import warmup_cosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level("WARNING", logger="slimpajama.optim"):
+        schedule = warmup_cosine(opt, warmup_steps=10, max_steps=5)
+    assert "warmup_steps=10 >= max_steps=5" in caplog.text and "0.45 of its base value" in caplog.text
+    assert [schedule.lr_lambdas[0](t) for t in (0, 4)] == [pytest.approx(1 / 11), pytest.approx(5 / 11)]
+    caplog.clear()
+    warmup_cosine(opt, warmup_steps=4, max_steps=5)
+    assert caplog.text == ""

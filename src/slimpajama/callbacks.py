@@ -29,6 +29,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
 
 class ThroughputMonitor(L.Callback):
     """Logs `train/tokens_per_sec` and `train/mfu` (model FLOPs utilisation) every `log_every_n_steps`.
+    The first batch of a fit (or of a resume) is left out of the windows: it waits for `torch.compile`.
 
     MFU = tokens/s * training FLOPs per token / (peak FLOP/s * devices); the peak is `peak_flops`
     per device or, when null, measured once with a matmul in the training precision."""
@@ -39,8 +40,10 @@ class ThroughputMonitor(L.Callback):
         self._t0: Optional[float] = None  # the start of the window, moved on by validation time
         self._val_t0: Optional[float] = None
         self._tokens = self._batches = 0
+        self._warm = False  # past the fit's first batch
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._warm = None, False
         if self.peak_flops is None:
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self.peak_flops = measure_peak_flops(pl_module.device, dtype)
@@ -51,6 +54,9 @@ class ThroughputMonitor(L.Callback):
             self._t0, self._tokens, self._batches = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._warm:  # the first window starts after the first batch
+            self._warm, self._t0 = True, None
+            return
         if isinstance(batch, dict):  # fine-tuning batches: {"input_ids", "labels"} (padded tokens count too)
             batch = batch["input_ids"]
         self._tokens += batch.shape[0] * (batch.shape[1] - 1)

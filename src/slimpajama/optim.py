@@ -1,11 +1,14 @@
 """Optimizer parameter groups and the learning-rate schedule shared by every stage."""
 
+import logging
 import math
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, never_decay: tuple = ()) -> list[dict]:
@@ -21,10 +24,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, never_decay: tuple
 
 
 def warmup_cosine(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
-    """Linear warm-up from 0 to the base lr over `warmup_steps`, then cosine decay to
-    `min_lr_ratio * lr` at `max_steps` (held there after)."""
+    """Linear warm-up over `warmup_steps` (step t at (t + 1) / (warmup_steps + 1) of the base lr), then
+    cosine decay to `min_lr_ratio * lr` at `max_steps` (held there after). A warm-up as long as the run
+    never reaches the base lr: that is warned about."""
     if max_steps is None or max_steps <= 0:
         raise ValueError(f"warmup_cosine needs a positive max_steps (trainer.max_steps), got {max_steps}")
+    if warmup_steps >= max_steps:
+        log.warning("scheduler.warmup_steps=%d >= max_steps=%d: the learning rate only warms up, to %.2g of its "
+                    "base value, and never decays", warmup_steps, max_steps, max_steps / (warmup_steps + 1))
 
     def factor(step: int) -> float:
         if step < warmup_steps:
