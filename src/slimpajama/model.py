@@ -604,6 +604,8 @@ class Transformer(nn.Module):
         position_ids (B, T) or (1, T) give rotary positions when they differ from the slots (left padding).
         apply_head=False returns the final normed hidden states (B, T, d) instead of logits, for a loss
         that applies the output head itself (losses.linear_cross_entropy).
+        output_hidden_states=True returns (logits, hidden): the embeddings and every block's output,
+        n_layer + 1 tensors, all before the final norm (transformers' last entry is after it).
         """
         B, T = idx.shape
         mask, start = None, None
