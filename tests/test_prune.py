@@ -69,6 +69,12 @@ def test_tie_rule_breaks_ties_by_position():
     # halves that floats miss: 0.58 * 25 is 14.499999999999998 in floats, 0.7 * 45 is 31.499999999999996
     assert pruning.n_pruned(25, 0.58) == 15 and pruning.n_pruned(45, 0.7) == 32
     assert pruning.masks_from_scores({"a": torch.arange(25.0)[None]}, 0.58, "row")["a"].sum() == 25 - 15
+    # the exact target of one matrix under that rule, as 1 - kept / n: 58 of 4 x 25 per layer, 15 of each row of 25
+    assert pruning.target_sparsity((4, 25), 0.58, "layer") == 1 - 42 / 100 == pytest.approx(0.58)
+    assert pruning.target_sparsity((4, 25), 0.58, "row") == 1 - 10 / 25 == pytest.approx(0.6)
+    assert pruning.target_sparsity((4, 25), 0.58, "global") is None  # one k over every matrix together
+    masks = pruning.masks_from_scores({"a": torch.rand(4, 25)}, 0.58, "row")
+    assert 1 - masks["a"].sum().item() / 100 == pruning.target_sparsity((4, 25), 0.58, "row")  # the same float
 
 
 def test_bad_settings_name_the_key():
@@ -105,6 +111,21 @@ def test_bad_settings_name_the_key():
     ({"method": "wanda", "calibration_batches": 0}, r"prune.calibration_batches=0: prune.method=wanda"),
     ({"generation_tokens": -5}, r"prune.generation_tokens=-5"),
     ({"prunable": "layers.0.mlp.nothing"}, r"\['layers.0.mlp.nothing'\] match no module"),  # one pattern, not letters
+    # distillation recovery, as stage=distill checks it (temperature 0 trained on NaN and saved a NaN model)
+    ({"recovery": "distill", "distill": {"temperature": 0}}, r"prune.distill.temperature=0 must be positive"),
+    ({"recovery": "distill", "distill": {"temperature": -2}}, r"prune.distill.temperature=-2 must be positive"),
+    ({"recovery": "distill", "distill": {"temperature": "abc"}}, r"prune.distill.temperature='abc' must be a finite"),
+    ({"recovery": "distill", "distill": {"kind": "fwd"}}, r"prune.distill.kind='fwd': one of forward_kl"),
+    ({"recovery": "distill", "distill": {"kd_ratio": 2}}, r"prune.distill.kd_ratio=2 must lie in \[0, 1\]"),
+    ({"recovery": "distill", "distill": {"temprature": 2}}, r"prune.distill.temprature: not a setting"),
+    # structured shapes that remove everything (the tiny model: 3 blocks, 2 query groups, 64 MLP and 32 hidden channels)
+    ({"method": "structured", "sparsity": 0.75},
+     r"prune.sparsity=0.75 \(it sets prune.structured.heads, which is null\) would remove all 2 query groups"),
+    ({"method": "structured", "structured": {"heads": 0.0, "channels": 0.9999}},
+     r"prune.structured.channels=0.9999 would remove all 64 MLP channels"),
+    ({"method": "structured", "structured": {"layers": 0.9}}, r"prune.structured.layers=0.9 would remove all 3 blocks"),
+    ({"method": "structured", "structured": {"hidden": 0.99}}, r"prune.structured.hidden=0.99 would remove all 32 hidden"),
+    ({"method": "structured", "structured": {"hidden": 0.1}}, r"prune.structured.hidden keeps 29 hidden channels"),
 ])
 def test_bad_stage_settings_fail_before_any_pruning(tmp_path, overrides, match):
     from slimpajama.stages.prune import PruneModule
@@ -196,6 +217,8 @@ def test_structured_pruned_model_shapes_forward_save_load_and_transformers(tmp_p
     small, kept = pruning.structured_prune(model, batches(), heads=0.5, channels=0.25, hidden=0.25, layers=1 / 3)
     c = small.config
     assert (c.n_layer, c.n_kv_head, c.n_head, c.head_dim, c.intermediate_size, c.d_model) == (2, 1, 2, 8, 48, 24)
+    counts = pruning.structured_counts(model.config, heads=0.5, channels=0.25, hidden=0.25, layers=1 / 3)
+    assert counts == {"layers": 2, "groups": 1, "channels": 48, "hidden": 24}  # from the config alone
     assert len(kept["layers"]) == 2 and all(len(g) == 1 for g in kept["groups"])
     blk = small.layers[0]
     assert blk.self_attn.qkv.weight.shape == ((2 + 2 * 1) * 8, 24) and blk.self_attn.o_proj.weight.shape == (24, 16)
@@ -302,8 +325,12 @@ def test_fast_dev_run_of_each_method(method, teacher, tmp_path, corpus_dir):
         assert pruned.config.intermediate_size == dense.config.intermediate_size // 2
         assert metrics["prune/sparsity"] == pytest.approx(0.5, abs=1e-9)
         assert metrics["model/file_bytes"] < metrics["prune/file_bytes_dense"]
+    targets = {k.removeprefix("prune/target_"): v for k, v in metrics.items() if k.startswith("prune/target_sparsity/")}
+    if method == "structured":
+        assert not targets  # the shape is the target (prune/sparsity warns when it is off)
     else:  # per layer (magnitude) or per row (Wanda): every module loses exactly half
         assert set(per_layer.values()) == {0.5} and metrics["prune/sparsity"] == 0.5
+        assert targets == {k.removeprefix("prune/"): v for k, v in per_layer.items()}
         assert metrics["prune/ppl_pruned"] > metrics["prune/ppl_dense"]
 
 
@@ -358,6 +385,7 @@ def test_masked_weights_stay_zero_through_finetune_recovery(teacher, tmp_path, c
     total = sum(t.numel() for t in dense.values())
     zeros = sum(int((t == 0).sum()) for t in tuned.values())
     assert zeros == math.floor(0.6 * total + 0.5) and metrics["prune/sparsity"] == pytest.approx(zeros / total)
+    assert not [k for k in metrics if k.startswith("prune/target_sparsity/")]  # global: no matrix has its own target
     # the one-shot global magnitude masks, recomputed from the dense weights, are exactly the zeros
     scores = torch.cat([t.abs().flatten() for t in dense.values()])
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -383,6 +411,12 @@ def test_gradual_schedule_and_distill_recovery(teacher, tmp_path, corpus_dir):
     assert metrics["prune/sparsity"] == pytest.approx(0.4, abs=0.01)  # row scope: exact per row of each module
     per_module = [v for k, v in metrics.items() if k.startswith("prune/sparsity/")]
     assert per_module == pytest.approx([0.4] * len(per_module), abs=1 / 128)  # nano's rows: 128 or 352 inputs
+    # the exact per-matrix target of row scope: round(0.4 * 128) = 51 of 128 inputs, round(0.4 * 352) = 141 of 352
+    targets = {k.removeprefix("prune/target_"): v for k, v in metrics.items() if k.startswith("prune/target_sparsity/")}
+    assert len(targets) == 16 and set(targets.values()) == {1 - 77 / 128, 1 - 211 / 352}
+    assert targets["sparsity/layers.0.mlp.down_proj"] == 1 - 211 / 352  # down_proj: 352 intermediate inputs
+    assert targets == {k.removeprefix("prune/"): v for k, v in metrics.items() if k.startswith("prune/sparsity/")}
+    assert "prune/target_sparsity/layers.3.mlp.gate_up" in header  # logged too
 
 
 def test_recovery_none_trains_nothing_and_init_from_null_finds_the_pretrained_model(teacher, tmp_path, corpus_dir):
@@ -393,6 +427,25 @@ def test_recovery_none_trains_nothing_and_init_from_null_finds_the_pretrained_mo
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3  # nano: 4 layers, one dropped
     assert len(list((out / "model").glob("tokenizer*"))) >= 1
+
+
+def test_depth_pruning_reports_each_kept_block_under_its_dense_name(teacher, tmp_path, corpus_dir, monkeypatch):
+    """Block 1 of 4 dropped: the saved blocks 0, 1, 2 are the dense blocks 0, 2, 3, and so are labelled."""
+    monkeypatch.setattr(pruning, "layer_importance", lambda model, batches, metric="cosine": torch.tensor([3.0, 0, 2, 1]))
+    metrics, out = prune_run(teacher, ["prune.recovery=none", "prune.method=structured", "prune.structured.heads=0",
+                                       "prune.structured.channels=0.5", "prune.structured.layers=0.25",
+                                       "prune.generation_tokens=0"], tmp_path, corpus_dir)
+    per_module = {k.removeprefix("prune/sparsity/"): v for k, v in metrics.items() if k.startswith("prune/sparsity/")}
+    assert sorted({k.split(".")[1] for k in per_module}) == ["0", "2", "3"]
+    for i in (0, 2, 3):  # the MLPs lose half their channels, attention keeps every query group
+        assert per_module[f"layers.{i}.mlp.down_proj"] == 0.5 and per_module[f"layers.{i}.self_attn.qkv"] == 0.0
+    # saved block 1 is dense block 2: its o_proj (whole: no head or hidden channel removed) is the dense one
+    dense = load_file(teacher / "logs" / "latest" / "pretrain" / "model" / "model.safetensors")
+    saved = load_file(out / "model" / "model.safetensors")
+    assert torch.equal(saved["model.layers.1.self_attn.o_proj.weight"], dense["model.layers.2.self_attn.o_proj.weight"])
+    attn = sum(dense[f"model.layers.0.self_attn.{p}_proj.weight"].numel() for p in "qkvo")
+    mlp = sum(dense[f"model.layers.0.mlp.{p}_proj.weight"].numel() for p in ("gate", "up", "down"))
+    assert metrics["prune/sparsity"] == pytest.approx(1 - 3 * (attn + mlp / 2) / (4 * (attn + mlp)))  # block 1 whole
 
 
 def test_the_dense_file_size_is_counted_for_a_registry_name_and_for_shards(teacher, tmp_path, corpus_dir):

@@ -6,6 +6,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from slimpajama.checks import is_finite_number
+
 IGNORE_INDEX = -100
 
 
@@ -99,6 +101,21 @@ def linear_cross_entropy(
 # changes. For large T, T^2 KL(p || q) -> Var(z_t - z_s) / 2, the variance taken over the vocabulary.
 
 KD_KINDS = ("forward_kl", "reverse_kl", "js")
+
+
+def check_kd_settings(temperature, kd_ratio, kind, prefix: str) -> None:
+    """The KD term's settings, each error naming `<prefix>.<key>` (a stage's config keys): kind one of
+    KD_KINDS, kd_ratio a finite number in [0, 1], temperature a finite number > 0 (at 0 the tempered
+    logits are inf and the loss NaN)."""
+    if kind not in KD_KINDS:
+        raise ValueError(f"{prefix}.kind={kind!r}: one of {', '.join(KD_KINDS)}")
+    for name, value in (("temperature", temperature), ("kd_ratio", kd_ratio)):
+        if not is_finite_number(value):
+            raise ValueError(f"{prefix}.{name}={value!r} must be a finite number")
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"{prefix}.kd_ratio={kd_ratio} must lie in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"{prefix}.temperature={temperature} must be positive")
 
 
 def _check_kind(kind: str) -> None:

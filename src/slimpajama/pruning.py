@@ -139,6 +139,23 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
     raise ValueError(f"prune.scope={scope!r}: expected one of {SCOPES}")
 
 
+def target_sparsity(shape: Sequence[int], sparsity: float, scope: str = "layer") -> float | None:
+    """The fraction of one matrix of `shape` that `masks_from_scores` removes (the tie rule's k over a
+    group's n): `layer` k(n) / n of its n weights, `row` k(m) / m of each row of m; `global` None (one k
+    over all matrices together: no matrix has a target of its own). As 1 - kept / n, the way an achieved
+    sparsity is counted, so a target met is the same float."""
+    check_sparsity(sparsity)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if scope == "global":
+        return None
+    if scope in ("layer", "row"):
+        n = n if scope == "layer" else n // int(shape[0])
+        return 1.0 - (n - n_pruned(n, sparsity)) / n
+    raise ValueError(f"prune.scope={scope!r}: expected one of {SCOPES}")
+
+
 @torch.no_grad()
 def apply_masks(modules: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
     """Zero the pruned weights in place (and their gradients, when there are any)."""
@@ -337,12 +354,35 @@ def check_layer_metric(metric: str) -> None:
         raise ValueError(f"prune.structured.layer_metric={metric!r}: expected one of {', '.join(LAYER_METRICS)}")
 
 
-def _n_removed(n: int, fraction: float, what: str) -> int:
-    check_sparsity(fraction, f"prune.structured.{what}")
+_PARTS = {"heads": "query groups", "channels": "MLP channels", "hidden": "hidden channels", "layers": "blocks"}
+
+
+def _n_removed(n: int, fraction: float, what: str, key: str | None = None) -> int:
+    """How many of n `what` (a key of _PARTS) the fraction removes. key: the config key the fraction came
+    from, when not prune.structured.<what> (heads and channels follow prune.sparsity when null)."""
+    own = f"prune.structured.{what}"
+    key = key or own
+    check_sparsity(fraction, key)
     removed = n_pruned(n, fraction)
     if removed >= n:
-        raise ValueError(f"prune.structured.{what}={fraction} would remove all {n} {what}")
+        implied = "" if key == own else f" (it sets {own}, which is null)"
+        raise ValueError(f"{key}={fraction}{implied} would remove all {n} {_PARTS[what]} ({fraction} * {n} rounds "
+                         f"to {removed}): lower it{'' if key == own else f' or set {own}'}")
     return removed
+
+
+def structured_counts(config, heads: float = 0.0, channels: float = 0.0, hidden: float = 0.0, layers: float = 0.0,
+                      keys: dict[str, str] | None = None) -> dict[str, int]:
+    """What `structured_prune` keeps of a model of `config`: `layers` blocks, `groups` query groups (the
+    nearest count transformers loads, see `_loadable_groups`), `channels` MLP channels, `hidden` hidden
+    channels. From the config alone, so a fraction that would remove everything fails before any work;
+    keys: the config key each fraction came from, for the errors (default prune.structured.<part>)."""
+    c, keys = config, keys or {}
+    n = {"layers": c.n_layer, "heads": c.n_kv_head, "channels": c.intermediate_size, "hidden": c.d_model}
+    fractions = {"layers": layers, "heads": heads, "channels": channels, "hidden": hidden}
+    keep = {what: n[what] - _n_removed(n[what], f, what, keys.get(what)) for what, f in fractions.items()}
+    groups = _loadable_groups(keep["heads"], c.n_head // c.n_kv_head, keep["hidden"], c.n_kv_head)
+    return {"layers": keep["layers"], "groups": groups, "channels": keep["channels"], "hidden": keep["hidden"]}
 
 
 def _loadable_groups(keep: int, group_size: int, d_model: int, n_groups: int) -> int:
@@ -353,11 +393,7 @@ def _loadable_groups(keep: int, group_size: int, d_model: int, n_groups: int) ->
         raise ValueError(f"prune.structured.hidden keeps {d_model} hidden channels, which no number of query groups "
                          f"of {group_size} heads divides (transformers needs hidden_size to be a multiple of "
                          f"num_attention_heads): choose a fraction that keeps a multiple of {group_size}")
-    best = min(valid, key=lambda g: (abs(g - keep), -g))
-    if best != keep:
-        log.warning("structured pruning keeps %d query groups instead of %d: transformers needs hidden size %d "
-                    "to be a multiple of the head count", best, keep, d_model)
-    return best
+    return min(valid, key=lambda g: (abs(g - keep), -g))
 
 
 def _top(importance: torch.Tensor, keep: int) -> torch.Tensor:
@@ -418,12 +454,13 @@ def structured_prune(model: nn.Module, batches: Sequence[torch.Tensor], heads: f
     remaining blocks. Returns (new model, what was kept)."""
     check_layer_metric(layer_metric)  # even when no block is dropped: a typo is still a typo
     c = model.config
-    n_drop = _n_removed(c.n_layer, layers, "layers")
-    gs = c.n_head // c.n_kv_head
-    keep_groups = c.n_kv_head - _n_removed(c.n_kv_head, heads, "heads")
-    keep_channels = c.intermediate_size - _n_removed(c.intermediate_size, channels, "channels")
-    keep_hidden = c.d_model - _n_removed(c.d_model, hidden, "hidden")
-    keep_groups = _loadable_groups(keep_groups, gs, keep_hidden, c.n_kv_head)  # before the importance passes
+    counts = structured_counts(c, heads, channels, hidden, layers)  # before the importance passes
+    n_drop, keep_groups = c.n_layer - counts["layers"], counts["groups"]
+    keep_channels, keep_hidden, gs = counts["channels"], counts["hidden"], c.n_head // c.n_kv_head
+    if keep_groups != c.n_kv_head - n_pruned(c.n_kv_head, heads):
+        log.warning("structured pruning keeps %d query groups instead of %d: transformers needs hidden size %d "
+                    "to be a multiple of the head count", keep_groups, c.n_kv_head - n_pruned(c.n_kv_head, heads),
+                    keep_hidden)
     kept_layers = list(range(c.n_layer))
     if n_drop:
         score = layer_importance(model, batches, layer_metric)

@@ -23,7 +23,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from slimpajama.checks import is_finite_number
-from slimpajama.losses import KD_KINDS, IGNORE_INDEX, hidden_state_loss, linear_cross_entropy, linear_distill_loss
+from slimpajama.losses import IGNORE_INDEX, check_kd_settings, hidden_state_loss, linear_cross_entropy, linear_distill_loss
 from slimpajama.model import SlimPajamaConfig
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
@@ -123,18 +123,12 @@ class DistillationModule(FusedOptimizerClipping, L.LightningModule):
         hidden_loss: None | cosine | mse on the final hidden states, through a learned projection when
         the widths differ, weighted by hidden_weight."""
         super().__init__()
-        if kind not in KD_KINDS:
-            raise ValueError(f"stage.module.kind={kind!r}: one of {', '.join(KD_KINDS)}")
-        for name, value in (("temperature", temperature), ("kd_ratio", kd_ratio), ("hidden_weight", hidden_weight)):
-            if not is_finite_number(value):
-                raise ValueError(f"stage.module.{name}={value!r} must be a finite number")
+        check_kd_settings(temperature, kd_ratio, kind, "stage.module")
+        if not is_finite_number(hidden_weight):
+            raise ValueError(f"stage.module.hidden_weight={hidden_weight!r} must be a finite number")
         if hidden_weight < 0:
             raise ValueError(f"stage.module.hidden_weight={hidden_weight} must be >= 0 (a negative weight pushes "
                              "the hidden states apart)")
-        if not 0.0 <= kd_ratio <= 1.0:
-            raise ValueError(f"stage.module.kd_ratio={kd_ratio} must lie in [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"stage.module.temperature={temperature} must be positive")
         if hidden_loss not in (None, "cosine", "mse"):
             raise ValueError(f"stage.module.hidden_loss={hidden_loss!r}: null, cosine or mse")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

@@ -14,8 +14,9 @@ every optimizer step), `distill` (the unpruned model as teacher, `losses.linear_
 `none` (no training step runs). The saved model has the masks applied, so its zeros are permanent.
 
 metrics.json gets (`extra_metrics`, `saved_model_metrics`): target and achieved sparsity per
-prunable matrix and overall counted on the saved safetensors, parameters and file size before and
-after, validation perplexity dense / pruned / recovered, and generation tokens/s dense / pruned.
+prunable matrix (`prune/target_sparsity/<module>`, `prune/sparsity/<module>`, named as in the dense
+model) and overall counted on the saved safetensors, parameters and file size before and after,
+validation perplexity dense / pruned / recovered, and generation tokens/s dense / pruned.
 """
 
 import copy
@@ -35,7 +36,7 @@ from torchmetrics import MeanMetric
 from slimpajama import pruning
 from slimpajama.checks import is_whole_number
 from slimpajama.generation import tokens_per_sec
-from slimpajama.losses import linear_cross_entropy, linear_distill_loss
+from slimpajama.losses import check_kd_settings, linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import CONFIG_FILE, WEIGHTS_FILE, SlimPajamaModel, folder_dtype, weight_files
 from slimpajama.registry import latest_model, resolve_model
@@ -46,6 +47,7 @@ METHODS = ("magnitude", "wanda", "structured")
 SCHEDULES = ("oneshot", "gradual")
 RECOVERIES = ("finetune", "distill", "none")
 DEFAULT_SCOPE = {"magnitude": "layer", "wanda": "row"}  # prune.scope=null: each method's usual comparison group
+DISTILL = {"kd_ratio": 1.0, "temperature": 1.0, "kind": "forward_kl"}  # prune.distill: losses.linear_distill_loss
 # our fused modules -> the Llama tensors saved for them
 _SAVED_NAMES = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
@@ -62,6 +64,23 @@ def saved_tensor_names(module_name: str, tied: bool = False) -> list[str]:
             base = module_name.removesuffix(fused)
             return [f"model.{base}{p}.weight" for p in parts]
     return [f"model.{module_name}.weight"]
+
+
+def check_distill(distill: dict, prefix: str = "prune.distill") -> None:
+    """The KD settings as `stage=distill` checks them (`losses.check_kd_settings`), each error naming
+    `<prefix>.<key>`, and no key but those of DISTILL."""
+    unknown = sorted(set(distill) - set(DISTILL))
+    if unknown:
+        raise ValueError(f"{prefix}.{unknown[0]}: not a setting (the keys are {', '.join(DISTILL)})")
+    check_kd_settings(distill["temperature"], distill["kd_ratio"], distill["kind"], prefix)
+
+
+def structured_fractions(structured: dict, sparsity: float) -> tuple[dict[str, float], dict[str, str]]:
+    """The fractions `pruning.structured_prune` removes (heads and channels: prune.sparsity when null),
+    and the config key each came from where that is not prune.structured.<part>."""
+    fractions = {k: structured[k] for k in ("heads", "channels", "hidden", "layers")}
+    keys = {k: "prune.sparsity" for k in ("heads", "channels") if fractions[k] is None}
+    return {k: sparsity if v is None else v for k, v in fractions.items()}, keys
 
 
 def source_dtype(folder: Path) -> torch.dtype:
@@ -138,6 +157,8 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
                 pruning.check_sparsity(structured[key], f"prune.structured.{key}")
         if method == "structured":
             pruning.check_layer_metric(structured["layer_metric"])
+        distill = {**DISTILL, **(distill or {})}
+        check_distill(distill)  # whatever prune.recovery is: a typo is still a typo
         if method == "structured" and schedule != "oneshot":
             raise ValueError("prune.schedule=gradual needs an unstructured method (magnitude or wanda): "
                              "structured pruning changes the shapes once, before recovery")
@@ -150,11 +171,15 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         self.save_dtype = source_dtype(self.source)  # saved as the source was: a bfloat16 model stays bfloat16
         log.info("pruning %s (%.2fM parameters) by %s to sparsity %s", self.source, self.model.num_params() / 1e6,
                  method, sparsity)
+        if method == "structured":  # the config is enough: a shape that removes everything fails before any work
+            fractions, keys = structured_fractions(structured, sparsity)
+            pruning.structured_counts(self.model.config, **fractions, keys=keys)
         self.method, self.sparsity, self.scope, self.prunable = method, sparsity, scope, prunable
         self.schedule = schedule
         self.gradual = {"initial_sparsity": 0.0, "start_step": 0, "end_step": None, "every": 10, **(gradual or {})}
-        self.recovery, self.distill = recovery, {"kd_ratio": 1.0, "temperature": 1.0, "kind": "forward_kl", **(distill or {})}
+        self.recovery, self.distill = recovery, distill
         self.structured = structured
+        self.kept_layers: list[int] | None = None  # structured: the dense blocks kept, in the saved order
         self.sequential, self.calibration_batches, self.eval_batches = sequential, calibration_batches, eval_batches
         self.generation_tokens = generation_tokens
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -188,6 +213,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         self.dense_params = self.model.num_params()
         # saved tensor name -> its size in the dense model, per prunable module
         self.dense_prunable = {n: self._saved_sizes(n, m) for n, m in modules.items()}
+        self.dense_shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
         self.masks: dict[str, torch.Tensor] = {}
         self.input_norms: dict[str, torch.Tensor] = {}
         self.current_sparsity = 0.0
@@ -259,12 +285,10 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         return pruning.prunable_modules(self.model, self.prunable)
 
     def _prune_structured(self, calibration: list[torch.Tensor]) -> None:
-        s = self.structured
-        heads = self.sparsity if s["heads"] is None else s["heads"]
-        channels = self.sparsity if s["channels"] is None else s["channels"]
-        self.model, kept = pruning.structured_prune(
-            self.model, calibration, heads=heads, channels=channels, hidden=s["hidden"], layers=s["layers"],
-            layer_metric=s["layer_metric"])
+        fractions, _ = structured_fractions(self.structured, self.sparsity)
+        self.model, kept = pruning.structured_prune(self.model, calibration, **fractions,
+                                                    layer_metric=self.structured["layer_metric"])
+        self.kept_layers = kept["layers"]
         self.model.train()
         c = self.model.config
         log.info("structured: kept layers %s, %d query groups, %d MLP channels, %d hidden channels -> %.2fM parameters",
@@ -395,20 +419,36 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         """Counted on the files just saved: file sizes, and the sparsity of each prunable module (a fused
         module over its saved parts: qkv over q/k/v_proj): 1 - its nonzeros / its size in the dense model,
         so a structured model's removed rows count as pruned; overall over every prunable module of the
-        dense model (a dropped layer counts whole)."""
+        dense model (a dropped layer counts whole). Per-module keys name the dense model's modules: after
+        depth pruning `layers.2.*` is dense block 2 wherever it was saved, and a dropped block has no
+        per-module key. Unstructured methods also get `prune/target_sparsity/<module>`, the fraction the tie
+        rule removes from that matrix (`pruning.target_sparsity`; none with prune.scope=global, whose one
+        target is over all matrices together)."""
         saved = Path(model_dir) / WEIGHTS_FILE
         m = {"model/file_bytes": saved.stat().st_size}
         m["prune/file_bytes_dense"] = sum(f.stat().st_size for f in weight_files(self.source))  # shards summed
         m["prune/file_ratio"] = m["model/file_bytes"] / m["prune/file_bytes_dense"]
+        # dense block i -> the name of its block in the saved file (depth pruning renumbers the kept ones)
+        renumber = {f"model.layers.{i}.": f"model.layers.{j}." for j, i in enumerate(self.kept_layers or [])}
+
+        def saved_name(part: str) -> str | None:
+            if self.kept_layers is None or not part.startswith("model.layers."):
+                return part
+            block = ".".join(part.split(".")[:3]) + "."
+            return renumber[block] + part.removeprefix(block) if block in renumber else None  # None: dropped
+
         kept, total = 0, 0
         with safe_open(str(saved), framework="pt") as f:
             names = set(f.keys())
             for module_name, parts in self.dense_prunable.items():
-                present = [p for p in parts if p in names]  # none: a dropped layer
+                present = [p for p in map(saved_name, parts) if p in names]  # none: a dropped layer
                 nonzero = sum(int(torch.count_nonzero(f.get_tensor(p))) for p in present)
                 kept, total = kept + nonzero, total + sum(parts.values())
                 if present:
                     m[f"prune/sparsity/{module_name}"] = 1.0 - nonzero / sum(parts.values())
+                if self.method != "structured" and self.scope != "global":
+                    m[f"prune/target_sparsity/{module_name}"] = pruning.target_sparsity(
+                        self.dense_shapes[module_name], self.sparsity, self.scope)
         m["prune/sparsity"] = 1.0 - kept / total
         s = self.structured
         # explicit prune.structured fractions set the shape: prune.sparsity is then no target to miss
