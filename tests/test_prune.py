@@ -555,6 +555,30 @@ def test_collector_writes_a_table_and_a_plot(tmp_path, caplog):
 
 
 @pytest.mark.slow
+def test_collector_names_the_job_folders_a_sweep_is_missing(tmp_path, caplog):
+    """A job folder removed (or never started): named, from the gaps and from the sweep multirun.yaml
+    records (Hydra's basic sweeper: the product of the swept values; Optuna's: n_trials)."""
+    import yaml
+
+    from slimpajama.sweep import collect
+
+    folder = fake_multirun(tmp_path / "multirun")  # jobs 0-5
+    shutil.rmtree(folder / "2")
+    basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": {"seed": "1,2"}}
+    task = ["stage=prune", "prune.method=magnitude,wanda", "prune.sparsity=0.3,0.5"]
+    for sweeper, missing in ((basic, "2, 6, 7 (never started, or removed): 5 of 8"),
+                             ({"n_trials": 7}, "2, 6 (never started, or removed): 5 of 7"),
+                             (None, "2 (never started, or removed): 5 of more")):
+        if sweeper is None:
+            (folder / "multirun.yaml").unlink()
+        else:
+            (folder / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": sweeper, "overrides": {"task": task}}}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="slimpajama.sweep"):
+            assert len(collect(folder)) == 3  # 0, 1, 3: 4 and 5 have no readable metrics
+        assert f"{folder}: no job folder {missing} job folders are there" in caplog.text
+
+
 def test_command_line_prune_sweep_and_collector(teacher, corpus_dir, tmp_path):
     """`python train.py -m stage=prune prune.method=magnitude,wanda prune.sparsity=0.3,0.5` as users type it,
     then `bench/collect_sweep.py latest`."""
@@ -575,8 +599,9 @@ def test_command_line_prune_sweep_and_collector(teacher, corpus_dir, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "collect_sweep.py"), "latest", "--log-dir", str(log_dir)],
                    check=True, env=env, capture_output=True, timeout=300)
     (folder,) = (log_dir / "multiruns" / "prune").iterdir()
-    from slimpajama.sweep import collect
+    from slimpajama.sweep import collect, expected_jobs
 
+    assert expected_jobs(folder) == 4  # from Hydra's own multirun.yaml
     rows = collect(folder)
     assert sorted((r["prune.method"], r["prune.sparsity"]) for r in rows) == [
         ("magnitude", 0.3), ("magnitude", 0.5), ("wanda", 0.3), ("wanda", 0.5)]

@@ -29,15 +29,47 @@ def _value(text: str):
         return text
 
 
+def expected_jobs(folder: Path) -> int | None:
+    """How many jobs the multirun of `folder` launches, from its multirun.yaml: the product of the swept
+    values' counts for Hydra's basic sweeper (its `params` and the command line's sweeps), `n_trials` for
+    Optuna's; None when the file is missing or the sweep cannot be counted (e.g. a glob over a group)."""
+    from omegaconf import OmegaConf
+
+    try:
+        hydra = OmegaConf.load(folder / "multirun.yaml").hydra
+        sweeper = OmegaConf.to_container(hydra.sweeper, resolve=False)
+        if "n_trials" in sweeper:
+            return int(sweeper["n_trials"])
+        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return None
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        swept = {}
+        for o in OverridesParser.create().parse_overrides(params + list(hydra.overrides.task)):
+            swept[o.key_or_group] = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+        return math.prod(swept.values())
+    except Exception:  # noqa: BLE001 - an uncountable sweep, or no multirun.yaml: only gaps are found then
+        return None
+
+
 def collect(folder: str | Path, keys: Sequence[str] = ()) -> list[dict]:
     """One row per finished job of a multirun folder: its overrides (key -> value) and metrics.
-    Jobs without a readable metrics.json (failed or running) are skipped with a warning. `keys`: config keys a
-    job did not override (e.g. `prune.sparsity` at its default) are read from its `.hydra/config.yaml`."""
+    Jobs without a readable metrics.json (failed or running) are skipped with a warning, and so are named
+    the job folders that are missing: the numbers below the highest one, and those the sweep in
+    multirun.yaml implies (`expected_jobs`). `keys`: config keys a job did not override (e.g.
+    `prune.sparsity` at its default) are read from its `.hydra/config.yaml`."""
     folder = Path(folder)
     jobs = sorted((p for p in folder.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name) if folder.is_dir() else []
     if not jobs:
         raise FileNotFoundError(f"{folder}: no job folders with .hydra/overrides.yaml (is it a multirun folder?)")
+    numbers = {int(p.name) for p in jobs if p.name.isdigit()}
+    expected = expected_jobs(folder)
+    missing = sorted(set(range(max(expected or 0, max(numbers, default=-1) + 1))) - numbers)
+    if missing:
+        log.warning("%s: no job folder %s (never started, or removed): %d of %s job folders are there", folder,
+                    ", ".join(map(str, missing)), len(jobs), expected or "more")
     rows = []
     for job in jobs:
         if not (job / "metrics.json").is_file():
