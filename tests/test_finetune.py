@@ -4,6 +4,7 @@ guidance, and the stage end to end (tiny model, CPU)."""
 import json
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,26 @@ def test_source_tasks_from_a_corpus(corpus_dir):
     assert T.source_passages([str(corpus_dir)], 10, 20, 0) == passages  # deterministic
 
 
+def test_tasks_built_from_the_same_passages_split_them_alike(corpus_dir, tmp_path, caplog):
+    """A topic test example (a passage's opening) is never the opening of a source training passage: they
+    used to split independently, and 77% of the topic test split had been trained on as source outputs.
+    A task folder split the old way is rebuilt."""
+    tasks = T.build_tasks(["source", "topic"], tmp_path, [str(corpus_dir)], per_source=40, passage_words=20,
+                          val_fraction=0.2, test_fraction=0.2)
+    opening = {split: {" ".join(ex["output"].split()[:32]) for ex in rows} for split, rows in tasks["source"].splits.items()}
+    topic = {split: {ex["input"] for ex in rows} for split, rows in tasks["topic"].splits.items()}
+    assert all(topic[split] == opening[split] for split in T.SPLITS) and all(topic.values())
+    assert {ex["output"] for ex in tasks["topic"].splits["test"]} == {"alpha", "beta", "gamma"}
+    meta = tmp_path / "topic" / "task.json"
+    assert json.loads(meta.read_text())["split"] == "passage"
+    assert T.build_tasks(["topic"], tmp_path).keys() == {"topic"}  # reused: no corpus needed
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "split"}))
+    with caplog.at_level("INFO", logger="slimpajama.data.tasks"):
+        again = T.build_tasks(["topic"], tmp_path, [str(corpus_dir)], per_source=40, passage_words=20,
+                              val_fraction=0.2, test_fraction=0.2)
+    assert "task topic: rebuilt" in caplog.text and again["topic"].splits == tasks["topic"].splits
+
+
 def test_short_documents_run_on_into_one_passage():
     docs = ["Hello\nHi there", "How are you?\nFine, thanks", "one two three four five six"]
     assert list(T._passages(docs, 6)) == ["Hello\nHi there\nHow are you?", "Fine, thanks\none two three four five six"]
@@ -172,6 +193,8 @@ def test_user_jsonl_bad_line_names_file_and_line(tmp_path):
     ({"custom": {"c": "c.jsonl"}}, "data.custom.c must be a mapping"),
     ({"val_fraction": 1.2}, r"data.val_fraction=1.2 must lie in \[0, 1\)"),
     ({"val_fraction": 0.6, "test_fraction": 0.6}, "leaves no training examples"),
+    ({"max_val_examples": 0}, "data.max_val_examples=0 must be a whole number >= 1, or null"),
+    ({"max_val_examples": "all"}, "data.max_val_examples='all' must be a whole number"),
 ])
 def test_task_settings_are_checked_naming_the_key(tmp_path, settings, message):
     """A mistyped key of a custom task used to be ignored (a classification task trained as generation)."""
@@ -271,6 +294,42 @@ def test_metrics_on_hand_made_examples():
     # lengths (on whitespace tokens it would be 5/6, 3/5, 2/4, 1/3: 53.7)
     bleu = translation_scores(["The cat sat on the mat."], ["The cat sat on a mat."])["bleu"]
     assert bleu == pytest.approx(100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25, abs=1e-4)
+    # chrF by hand: an empty prediction keeps its reference's n-grams in the recall (torchmetrics' CHRFScore
+    # dropped the sentence, and scored chrF++): precision 1, recall 1/2 at every order, F_2 = 5PR / (4P + R)
+    empty = translation_scores(["abc def", ""], ["abc def", "abc def"])
+    assert empty["chrf"] == pytest.approx(100 * 5 * 0.5 / 4.5, abs=1e-4)
+    # chrF, not chrF++: no word n-grams (they would lower this pair: "sat" "on" "the" "mat." vs "a" "mat.")
+    p, r = [], []
+    for n in range(1, 7):
+        hyp, ref = "Thecatsatonthemat.", "Thecatsatonamat."
+        grams = [Counter(t[i:i + n] for i in range(len(t) - n + 1)) for t in (hyp, ref)]
+        match = sum((grams[0] & grams[1]).values())
+        p.append(match / sum(grams[0].values()))
+        r.append(match / sum(grams[1].values()))
+    P, R = sum(p) / 6, sum(r) / 6
+    chrf = translation_scores(["The cat sat on the mat."], ["The cat sat on a mat."])["chrf"]
+    assert chrf == pytest.approx(100 * 5 * P * R / (4 * P + R), abs=1e-4)
+
+
+def test_every_label_is_scored_after_the_same_prompt(tok, monkeypatch):
+    """A long input: the prompt is cut as encode_example cuts it, once, for every label (a label that fit
+    used to be scored after the whole prompt, a long one after half of it)."""
+    from slimpajama import evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "output_losses", lambda model, items, pad, batch_size: seen.extend(items) or (0.0, 1))
+    template = "{control}{input}\n"
+    words = (english(random.Random(5)) * 3).split()
+    for n in range(len(words)):  # an input whose prompt is 58 tokens or a little more
+        ex = {"control": "<|task:topic|>", "input": " ".join(words[:n])}
+        if len(prompt := encode_prompt(tok, template, ex["control"], ex["input"])) >= 58:
+            break
+    labels = ["music", "the river north of the city and the water"]
+    assert len(prompt) + 3 <= 64 < len(prompt) + len(tok.encode_continuation(labels[1])) + 1  # only the long one overflows
+    evaluate.label_scores(None, tok, template, ex, labels, max_len=64)
+    prompts = [[i for i, lab in zip(ids, y) if lab == IGNORE_INDEX] for ids, y in seen]
+    assert prompts[0] == prompts[1] == encode_example(tok, template, {**ex, "output": labels[1]}, 64)[0][:32]
+    assert [ids[32:] for ids, _ in seen] == [(tok.encode_continuation(lab) + [tok.eos_token_id])[:32] for lab in labels]
 
 
 def test_source_classifier_separates_registers():
@@ -347,6 +406,25 @@ def _user_tasks(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
+def test_the_validation_cap_is_a_seeded_sample_of_every_label(init_model, tmp_path):
+    """The built-in tasks write their rows grouped by label: the first max_val_examples rows held only the
+    first labels (two of six sources). The cap takes a seeded sample, and says how many it used."""
+    rows = [{"control": f"<|source:{s}|>", "input": "", "output": f"{s} text {i}", "label": s}
+            for s in ("a", "b", "c", "d") for i in range(50)]
+    T.write_examples(tmp_path / "gen.jsonl", rows)
+    dm = FinetuneDataModule(tasks=None, custom={"gen": {"kind": "generation", "path": str(tmp_path / "gen.jsonl")}},
+                            output_dir=str(tmp_path / "tasks"), init_from=str(init_model), val_fraction=0.4,
+                            max_val_examples=20)
+    dm.setup()
+    val = dm.tasks["gen"].splits["val"]
+    assert len(val) > 40 and [ex["label"] for ex in val] == sorted(ex["label"] for ex in val)  # grouped, as built
+    batches = list(dm.val_dataloader())
+    used = [dm.tokenizer.decode(ids[lab != IGNORE_INDEX], skip_special_tokens=True)
+            for b in batches for ids, lab in zip(b["input_ids"], b["labels"])]  # the outputs
+    assert len(used) == 20 == dm.metrics["data/gen/val_examples_used"] and dm.metrics["data/gen/val_examples"] == len(val)
+    assert {text.split()[0] for text in used} == {"a", "b", "c", "d"}
+
+
 def test_fast_dev_run_of_the_stage(init_model, tmp_path):
     from slimpajama.pipeline import run
 
@@ -368,6 +446,10 @@ def test_fast_dev_run_of_the_stage(init_model, tmp_path):
                 "test/qa/exact_match", "control/gen/adherence_with", "control/gen/adherence_without",
                 "control/gen/adherence_wrong", "control/gen/adherence_guided"):
         assert key in metrics and math.isfinite(metrics[key]), key
+    # how many examples and generations each figure is over, and the adherence's binomial standard error
+    assert metrics["test/cls/examples"] == min(6, metrics["data/cls/test_examples"]) and metrics["control/gen/per_value"] == 4
+    p, n = metrics["control/gen/adherence_with"], 4 * metrics["control/gen/values"]
+    assert metrics["control/gen/adherence_with_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
     model = SlimPajamaModel.from_pretrained(out / "model")
     tok = SlimPajamaTokenizer.from_pretrained(out / "model")
     assert {"<|source:alpha|>", "<|task:qa|>"} <= set(tok.control_tokens)

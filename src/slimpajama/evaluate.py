@@ -5,9 +5,11 @@ Per task kind (torchmetrics where it has the metric):
 - classification: each label is scored by the log-likelihood of its tokens (and eos) after the
   prompt and the best one is the prediction (no free-form parsing); accuracy and macro F1
   (`MulticlassAccuracy`, `MulticlassF1Score`) beside the majority-class baseline of the training split.
-- translation: greedy decoding to the first newline; BLEU (sacreBLEU's 13a tokens, no smoothing) and
-  chrF (`torchmetrics.text`) beside the copy-the-input baseline.
-- qa: greedy decoding; exact match and token F1 (`torchmetrics.text.SQuAD`).
+- translation: greedy decoding to the first newline; corpus BLEU and chrF as sacreBLEU computes them
+  with its defaults (`sacrebleu.corpus_bleu`: 13a tokens, exponential smoothing; `corpus_chrf`:
+  character 6-grams, beta 2) beside the copy-the-input baseline.
+- qa: greedy decoding; exact match and token F1 (`torchmetrics.text.SQuAD`: SQuAD's normalisation, and
+  its v2 rule that a prediction and a reference that both normalise to nothing match).
 - dialogue: perplexity of the reference replies (output tokens only).
 - generation (control by source): for each control value, sampled generations with the control,
   without it (empty control), with a wrong one (the next value), and with classifier-free guidance
@@ -18,7 +20,9 @@ Per task kind (torchmetrics where it has the metric):
   requested value (chance: 1 / number of values). Its own accuracy on held-out text (2-fold) is
   reported beside it as `classifier_accuracy`: adherence cannot be measured more precisely than that.
 
-Each task is evaluated on at most `max_examples` test examples, drawn with a seeded shuffle.
+Each task is evaluated on at most `max_examples` test examples, drawn with a seeded shuffle; how many
+is reported (`test/<task>/examples`; `control/<task>/per_value` generations per value and mode, with
+each adherence's standard error, `adherence_<mode>_stderr`).
 
 Metric names: `test/<task>/<metric>`, `control/<task>/<adherence_*>`. The standalone command
 writes them to `<model>/metrics.json` (or `--output`).
@@ -97,7 +101,8 @@ def _normalize_answer(text: str) -> str:
 
 
 def qa_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Exact match and token F1 in percent (SQuAD's definitions, via torchmetrics.text.SQuAD)."""
+    """Exact match and token F1 in percent (SQuAD's definitions, via torchmetrics.text.SQuAD: with v2's
+    rule that two answers that both normalise to nothing, e.g. "the" and "", match with F1 100)."""
     from torchmetrics.text import SQuAD
 
     preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
@@ -107,14 +112,15 @@ def qa_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str
 
 
 def translation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU-4 (0-100) and chrF (0-100). BLEU tokenizes as sacreBLEU does by default (13a: punctuation
-    split from words, so "station?" is two tokens) and does not smooth: sacreBLEU's
-    `smooth_method="none"` (its default "exp" smoothing differs only where an n-gram order has no match)."""
-    from torchmetrics.text import CHRFScore, SacreBLEUScore
+    """Corpus BLEU-4 and chrF (0-100) from sacreBLEU itself, with its defaults, as papers quote them:
+    BLEU on 13a tokens (punctuation split from words, so "station?" is two tokens) with exponential
+    smoothing, chrF on character 6-grams with beta 2 (signatures `nrefs:1|case:mixed|eff:no|tok:13a|
+    smooth:exp` and `nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no`). An empty prediction scores 0 and
+    keeps its reference in the totals."""
+    import sacrebleu
 
-    refs = [[r] for r in references]
-    return {"bleu": 100 * float(SacreBLEUScore(tokenize="13a")(list(predictions), refs)),
-            "chrf": 100 * float(CHRFScore()(list(predictions), refs))}
+    hyps, refs = list(predictions), [list(references)]
+    return {"bleu": float(sacrebleu.corpus_bleu(hyps, refs).score), "chrf": float(sacrebleu.corpus_chrf(hyps, refs).score)}
 
 
 def classification_scores(predictions: Sequence[int], targets: Sequence[int], num_classes: int) -> dict[str, float]:
@@ -175,8 +181,16 @@ def output_losses(model, items: list[tuple[list[int], list[int]]], pad: int, bat
 
 @torch.no_grad()
 def label_scores(model, tokenizer, template: str, ex: dict, labels: Sequence[str], max_len: int) -> list[float]:
-    """Total log-likelihood of each label (its tokens and eos) as the output for example `ex`."""
-    items = [encode_example(tokenizer, template, {**ex, "output": lab}, max_len)[:2] for lab in labels]
+    """Total log-likelihood of each label (its tokens and eos) as the output for example `ex`, every label
+    after the same prompt: when prompt and the longest label exceed `max_len`, cut to half of it as
+    `encode_example` cuts a prompt (the input's end goes)."""
+    outputs = [tokenizer.encode_continuation(lab, split_special_tokens=True) + [tokenizer.eos_token_id]
+               for lab in labels]
+    prompt = encode_prompt(tokenizer, template, ex["control"], ex["input"])
+    if len(prompt) + max(map(len, outputs)) > max_len:  # as encode_example cuts a prompt, for every label
+        prompt = fit_prompt(tokenizer, template, prompt, max_len // 2)
+    kept = [out[: max_len - len(prompt)] for out in outputs]
+    items = [(prompt + out, [IGNORE_INDEX] * len(prompt) + out) for out in kept]
     scores = []
     for x, y in items:
         total, _ = output_losses(model, [(x, y)], tokenizer.pad_token_id, batch_size=1)
@@ -261,7 +275,7 @@ def evaluate_control(
                                   stop_at_newline=False, **kwargs)
             modes[mode][control] = gens
             samples += [[task.name, label_of[control], mode, g] for g in gens[:3]]
-    out.update({"chance": 1.0 / len(controls), "values": float(len(controls))})
+    out.update({"chance": 1.0 / len(controls), "values": float(len(controls)), "per_value": float(per_control)})
     for mode, by_control in modes.items():
         hits = []
         for control, gens in by_control.items():
@@ -272,7 +286,8 @@ def evaluate_control(
             if mode == "wrong":  # how often the generation follows the wrong control it was given
                 wrong = controls[(controls.index(control) + 1) % len(controls)]
                 out.setdefault("_follows_wrong", []).extend(p == label_of[wrong] for p in preds)
-        out[f"adherence_{mode}"] = float(np.mean(hits))
+        out[f"adherence_{mode}"] = p = float(np.mean(hits))
+        out[f"adherence_{mode}_stderr"] = math.sqrt(p * (1 - p) / len(hits))  # binomial, over every generation
     out["follows_wrong"] = float(np.mean(out.pop("_follows_wrong")))
     out["guidance_scale"] = float(guidance_scale)
     return out, samples
@@ -307,6 +322,7 @@ def evaluate_tasks(
                     continue
                 out, rows_out = _evaluate_task(model, tokenizer, task, template, rows, max_len, batch_size,
                                                max_new_tokens)
+                out["examples"] = len(rows)  # of the test split's data/<task>/test_examples
                 samples["outputs"] += rows_out
                 metrics.update({f"test/{name}/{k}": float(v) for k, v in out.items()})
                 log.info("test/%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in out.items()))

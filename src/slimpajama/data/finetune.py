@@ -15,6 +15,7 @@ validation runs over every task's validation split.
 
 import logging
 import math
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -23,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from slimpajama.checks import is_finite_number
+from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
 from slimpajama.generation import check_template, encode_prompt
 from slimpajama.losses import IGNORE_INDEX
@@ -254,7 +255,8 @@ class FinetuneDataModule(L.LightningDataModule):
         """tasks: {built-in task name: weight} (see `slimpajama.data.tasks.BUILT_IN`); custom: {name:
         {kind, path, weight}} for the user's own jsonl files; output_dir: where built-in tasks are
         built once; init_from: the model whose tokenizer is grown (null: the newest finished model);
-        max_val_examples: per task, for the validation loss (the test split is for evaluation)."""
+        max_val_examples: per task, for the validation loss (the test split is for evaluation): a seeded
+          sample of the validation split, not its first rows (a built-in task's rows are grouped by label)."""
         super().__init__()
         for name, weight in (tasks or {}).items():  # as data.custom.<name>.weight: no NaN, inf, bool or string
             if not is_finite_number(weight) or weight < 0:
@@ -265,6 +267,8 @@ class FinetuneDataModule(L.LightningDataModule):
         for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
             if not 0 <= value < 1:
                 raise ValueError(f"{name}={value} must lie in [0, 1)")
+        if max_val_examples is not None and (not is_whole_number(max_val_examples) or max_val_examples < 1):
+            raise ValueError(f"data.max_val_examples={max_val_examples!r} must be a whole number >= 1, or null for all")
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves no "
                              "training examples: their sum must be below 1")
@@ -321,6 +325,11 @@ class FinetuneDataModule(L.LightningDataModule):
                 truncated += sum(t for _, _, t in encoded)
                 self.data[name][split] = [(ids, lab) for ids, lab, _ in encoded]
                 self._metrics[f"data/{name}/{split}_examples"] = float(len(rows))
+            val = self.data[name]["val"]
+            if self.max_val_examples is not None and len(val) > self.max_val_examples:
+                keep = sorted(random.Random(self.seed).sample(range(len(val)), self.max_val_examples))
+                self.data[name]["val"] = [val[i] for i in keep]
+            self._metrics[f"data/{name}/val_examples_used"] = float(len(self.data[name]["val"]))
         self._metrics["data/truncated_examples"] = float(truncated)
         active = {n: w for n, w in self.task_weights.items() if n in self.tasks and w > 0 and self.data[n]["train"]}
         total = sum(active.values())
@@ -362,7 +371,7 @@ class FinetuneDataModule(L.LightningDataModule):
         return batch
 
     def val_dataloader(self) -> DataLoader:
-        items = [ex for name in self.mix for ex in self.data[name]["val"][: self.max_val_examples]]
+        items = [ex for name in self.mix for ex in self.data[name]["val"]]  # at most max_val_examples each (setup)
         if not items:
             raise ValueError("no validation examples: raise data.val_fraction")
         return self._loader(items, self.val_batch_size)

@@ -18,8 +18,10 @@ task and says so.
 
 **Splits** are deterministic: an example's split is a hash of its task, input and output
 (`val_fraction`, `test_fraction`), so the same data always splits the same way and an exact
-duplicate never straddles two splits. Each task is written as `<dir>/<task>/{train,val,test}.jsonl`
-with `task.json` ({"kind", "control", "labels"}).
+duplicate never straddles two splits. The tasks built from the corpus's passages (source, topic)
+split the passages instead, once for all of them: a passage whose opening is a topic test example
+is never a source training example. Each task is written as `<dir>/<task>/{train,val,test}.jsonl`
+with `task.json` ({"kind", "control", "labels", "examples", "split"}).
 """
 
 import hashlib
@@ -92,31 +94,50 @@ def write_examples(path: Path, rows: Iterable[dict]) -> None:
     tmp.replace(path)
 
 
+def _split(key: str, val_fraction: float, test_fraction: float) -> str:
+    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
 def split_of(task: str, ex: dict, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split from a hash of the task name, input and output."""
-    key = f"{task}\0{ex.get('input', '')}\0{ex['output']}".encode("utf-8")
-    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+    return _split(f"{task}\0{ex.get('input', '')}\0{ex['output']}", val_fraction, test_fraction)
+
+
+def _unique(rows: Iterable[dict]) -> Iterable[dict]:
+    seen = set()
+    for ex in rows:
+        key = (ex.get("control", ""), ex.get("input", ""), ex["output"])
+        if key not in seen:  # exact duplicates once
+            seen.add(key)
+            yield ex
 
 
 def split_examples(task: str, rows: Iterable[dict], val_fraction: float, test_fraction: float) -> dict[str, list[dict]]:
     out = {s: [] for s in SPLITS}
-    seen = set()
-    for ex in rows:
-        key = (ex.get("control", ""), ex.get("input", ""), ex["output"])
-        if key in seen:  # exact duplicates once
-            continue
-        seen.add(key)
+    for ex in _unique(rows):
         out[split_of(task, ex, val_fraction, test_fraction)].append(ex)
     return out
 
 
-def save_task(directory: Path, task: TaskSet) -> None:
+def split_passages(build: Callable[[dict], list[dict]], passages: dict[str, list[str]], val_fraction: float,
+                   test_fraction: float) -> dict[str, list[dict]]:
+    """The examples `build` makes of each split's passages: a passage's split is a hash of the passage
+    alone, so it is the same for every task built from it."""
+    out = {}
+    for split in SPLITS:
+        part = {s: [p for p in ps if _split(p, val_fraction, test_fraction) == split] for s, ps in passages.items()}
+        out[split] = list(_unique(build(part)))
+    return out
+
+
+def save_task(directory: Path, task: TaskSet, split: str = "example") -> None:
+    """The task's folder; `split`: what its splits hashed, "example" or "passage" (`split_passages`)."""
     folder = Path(directory) / task.name
-    for split, rows in task.splits.items():
-        write_examples(folder / f"{split}.jsonl", rows)
+    for name, rows in task.splits.items():
+        write_examples(folder / f"{name}.jsonl", rows)
     meta = {"kind": task.kind, "controls": task.controls, "labels": task.labels,
-            "examples": {s: len(r) for s, r in task.splits.items()}}
+            "examples": {s: len(r) for s, r in task.splits.items()}, "split": split}
     (folder / "task.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -288,24 +309,29 @@ def build_tasks(
         raise ValueError(f"unknown built-in tasks {unknown}: choose from {', '.join(BUILT_IN)}")
     tasks, passages = {}, None
     for name in names:
-        if (output_dir / name / "task.json").is_file():
-            tasks[name] = load_task(output_dir / name)
-            continue
         spec = BUILT_IN[name]
+        split_by = "passage" if spec.needs_passages else "example"
+        meta = output_dir / name / "task.json"
+        if meta.is_file():
+            if json.loads(meta.read_text()).get("split", "example") == split_by:
+                tasks[name] = load_task(output_dir / name)
+                continue
+            log.info("task %s: rebuilt, its folder was split per example (its passages now split once for "
+                     "every task built from them)", name)
         try:
             if spec.needs_passages:
                 if passages is None:
                     passages = source_passages(corpus_paths, per_source, passage_words, seed)
-                rows = spec.build(passages)
+                splits = split_passages(spec.build, passages, val_fraction, test_fraction)
             else:
-                rows = spec.build()
+                splits = split_examples(name, spec.build(), val_fraction, test_fraction)
         except MissingSource as e:
             log.warning("task %s skipped: %s", name, e)
             continue
+        rows = [ex for part in splits.values() for ex in part]
         labels = sorted({r["output"] for r in rows}) if spec.kind == "classification" else []
-        # the source task splits by source label too: every source is in every split
-        task = TaskSet(name, spec.kind, split_examples(name, rows, val_fraction, test_fraction), labels)
-        save_task(output_dir, task)
+        task = TaskSet(name, spec.kind, splits, labels)
+        save_task(output_dir, task, split_by)
         log.info("task %s (%s): %s", name, spec.kind, ", ".join(f"{s} {len(r)}" for s, r in task.splits.items()))
         tasks[name] = task
     return tasks
