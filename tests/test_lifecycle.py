@@ -1,5 +1,5 @@
 """The whole lifecycle as one command (experiment with a `pipeline` block): every stage runs as its
-own train.py process, each finds the previous model, and the report is written with its plots."""
+own train.py process, each starts from the previous stage's model, and the report is written with its plots."""
 
 import json
 import subprocess
@@ -35,6 +35,32 @@ def test_every_stage_command_of_a_pipeline_experiment_composes(experiment, tmp_p
         sizes[stage] = (stage_cfg.model.n_layer, stage_cfg.model.d_model)
     if "gpu" in experiment:
         assert sizes["pretrain"][1] > 256 and stage_cfg.trainer.accelerator == "gpu"
+
+
+def test_each_stage_starts_from_this_pipelines_own_previous_model(tmp_path):
+    """A pipeline that leaves a stage out used to train the later stages on whatever logs/latest held from
+    other runs (an old prune run fine-tuned, and reported as this teacher's). Now each stage is given the
+    model of the newest stage before it in this pipeline, unless its overrides name one."""
+    from slimpajama.lifecycle import input_override, stage_command
+
+    runs = {}
+    for stage in ("pretrain", "prune"):
+        (tmp_path / stage / "model").mkdir(parents=True)
+        (tmp_path / stage / "model" / "config.json").write_text("{}")
+        runs[stage] = tmp_path / stage
+    assert input_override("distill", [], runs) == [f"teacher={tmp_path / 'pretrain' / 'model'}"]
+    assert input_override("prune", [], {"pretrain": runs["pretrain"]}) == [
+        f"stage.module.init_from={tmp_path / 'pretrain' / 'model'}"]
+    assert input_override("finetune", [], runs) == [f"init_from={tmp_path / 'prune' / 'model'}"]
+    assert input_override("finetune", ["init_from=/models/mine"], runs) == []  # the stage's own choice
+    assert input_override("pretrain", [], runs) == [] and input_override("distill", [], {}) == []  # as on its own
+    (tmp_path / "pretrain" / "model" / "config.json").unlink()  # save_model=false: nothing to pass
+    assert input_override("distill", [], runs) == []
+    # the pipeline's seed comes first: a stage's own seed= wins (it used to be overridden silently)
+    cfg = compose_cfg(["experiment=pipeline_demo"], tmp_path)
+    cmd = stage_command(cfg, "finetune", ["seed=5"], tmp_path / "run", "g", input_override("finetune", [], runs))
+    stage_cfg = compose_cfg([o for o in cmd[2:] if not o.startswith(("hydra.", "paths."))], tmp_path)
+    assert stage_cfg.seed == 5 and stage_cfg.init_from == str(tmp_path / "prune" / "model")
 
 
 @pytest.mark.slow
@@ -80,9 +106,11 @@ def test_pipeline_runs_every_stage_and_writes_the_report(corpus_dir, tmp_path):
         assert (run_dir / png).stat().st_size > 5000, png
     report = (run_dir / "report.md").read_text()
     assert "| teacher | pretrain |" in report and "losses.png" in report
-    # each stage found the previous stage's model by itself
-    distill_cfg = (run_dir / "distill" / ".hydra" / "config.yaml").read_text()
-    assert "teacher: null" in distill_cfg
+    # each stage started from this pipeline's previous model
+    for stage, key, source in (("distill", "teacher", "pretrain"), ("prune", "stage.module.init_from", "distill"),
+                               ("finetune", "init_from", "prune")):
+        overrides = yaml.safe_load((run_dir / stage / ".hydra" / "overrides.yaml").read_text())
+        assert f"{key}={run_dir / source / 'model'}" in overrides, (stage, overrides)
     pipeline = json.loads((run_dir / "pipeline.json").read_text())
     assert set(pipeline["runs"]) == {"pretrain", "distill", "prune", "finetune"}
     # every stage: one offline W&B run in the pipeline's group, the CSV metrics, the pipeline's override

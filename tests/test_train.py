@@ -223,6 +223,8 @@ def test_markov_nano_reaches_the_entropy_rate(tmp_path):
     h = metrics["data/entropy_rate"]
     assert 2.0 < h < 2.7
     assert h <= metrics["val/loss"] <= 1.10 * h, metrics
+    # saved, but not published: no tool could encode a prompt for it, and it would replace the real teacher
+    assert (out / "model" / "config.json").is_file() and not (tmp_path / "logs" / "latest" / "pretrain").exists()
 
 
 def train_cli(args: list[str], corpus_dir: Path, tmp_path: Path, timeout: int = 600):

@@ -6,9 +6,13 @@ then the report.
 A config with a `pipeline` block (`stages`: stage name -> its overrides, run in the pipeline's
 order pretrain, distill, prune, finetune (leave a stage out to skip it); `common`:
 overrides for every stage) makes `train.py` run each stage in its own process, in a sub-folder
-of this run (`logs/pipeline/runs/<time>/<stage>/`). Each stage finds the previous one's model as it
-would on its own (`logs/latest/<stage>`). Runs of one pipeline share a W&B group. At the end
-`slimpajama.report` measures every model and writes `report.md` and its plots into this run folder.
+of this run (`logs/pipeline/runs/<time>/<stage>/`). Each stage starts from the model of the stage
+before it in this pipeline (`registry.INPUTS`: distill's teacher is this pipeline's pretrained model,
+fine-tuning starts from its pruned, else distilled, else pretrained one), passed as `teacher=` or
+`init_from=` unless the stage's overrides name one; a stage with no earlier stage in the pipeline
+finds its model as it would on its own (`logs/latest/<stage>`). Runs of one pipeline share a W&B
+group. At the end `slimpajama.report` measures every model and writes `report.md` and its plots into
+this run folder.
 """
 
 import json
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from slimpajama.registry import PIPELINE
+from slimpajama.registry import INPUTS, PIPELINE
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,30 @@ def run_stage(cmd: list, env: dict) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def input_override(stage: str, overrides: list, runs: dict) -> list:
+    """`teacher=` / `init_from=` naming the model of the newest stage of this pipeline that `stage`
+    starts from (`runs`: stage -> its run folder), unless `overrides` name one already; [] when no
+    such stage ran (the stage then finds one as on its own)."""
+    if stage not in INPUTS:
+        return []
+    key, sources = INPUTS[stage]
+    if any(str(o).lstrip("+~").startswith(f"{key}=") for o in overrides):
+        return []
+    done = [s for s in sources if s in runs]
+    if not done:
+        return []
+    if not (runs[done[0]] / "model" / "config.json").is_file():
+        log.warning("pipeline: %s saved no model (save_model=false?): %s finds its model as on its own", done[0], stage)
+        return []
+    return [f"{key}={runs[done[0]] / 'model'}"]
+
+
 def stage_command(cfg: DictConfig, stage: str, overrides: list, out: Path, group: str, extra: list = ()) -> list:
+    """The stage's `train.py` command: the pipeline's seed, then `pipeline.common`, the stage's own
+    overrides and `extra` (a later one wins: a stage may set its own seed), then the paths."""
     cmd = [sys.executable, str(Path(cfg.paths.root_dir) / "train.py"), f"stage={stage}", logger_choice(cfg),
-           *map(str, cfg.pipeline.get("common") or []), *map(str, overrides or []), *extra,
-           f"paths.log_dir={cfg.paths.log_dir}", f"paths.data_dir={cfg.paths.data_dir}", f"seed={cfg.seed}",
-           f"hydra.run.dir={out / stage}"]
+           f"seed={cfg.seed}", *map(str, cfg.pipeline.get("common") or []), *map(str, overrides or []), *extra,
+           f"paths.log_dir={cfg.paths.log_dir}", f"paths.data_dir={cfg.paths.data_dir}", f"hydra.run.dir={out / stage}"]
     if "wandb" in (cfg.get("logger") or {}):
         cmd.append(f"logger.wandb.group={group}")
     return cmd
@@ -84,8 +107,9 @@ def run_lifecycle(cfg: DictConfig) -> dict:
         raise ValueError(f"pipeline.stages: unknown stages {unknown}; the stages are {', '.join(PIPELINE)}")
     runs, timings = {}, {}
     for stage in [s for s in PIPELINE if s in stages]:  # always in the pipeline's order
-        overrides = stages[stage]
-        cmd = stage_command(cfg, stage, overrides, out, group, user_overrides(given, stage))
+        overrides = [*(cfg.pipeline.get("common") or []), *(stages[stage] or []), *user_overrides(given, stage)]
+        cmd = stage_command(cfg, stage, stages[stage], out, group,
+                            user_overrides(given, stage) + input_override(stage, overrides, runs))
         log.info("pipeline: %s\n  %s", stage, " ".join(cmd))
         start = time.perf_counter()
         returncode = run_stage(cmd, {**os.environ, "SLIMPAJAMA_ROOT": str(cfg.paths.root_dir)})

@@ -2,7 +2,8 @@
 
 Every stage goes through here. A stage's config group (`conf/stage/*.yaml`) names its
 LightningModule; the module exposes the model it trains as `.model`, which is saved with
-`save_pretrained` into the run folder and published as `logs/latest/<stage>`.
+`save_pretrained` into the run folder and published as `logs/latest/<stage>` (with its tokenizer:
+a Markov check's model, which has none, is saved only).
 """
 
 import json
@@ -135,7 +136,11 @@ def _publish(cfg: DictConfig, module: L.LightningModule, datamodule, metrics: di
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
     _write_metrics(out, metrics)
-    if tokenizer is not None and cfg.get("sample") and cfg.sample.max_new_tokens > 0:
+    if tokenizer is None:  # a Markov check's tokens: a model no tool can encode a prompt for is not published
+        log.info("saved the model to %s; not published as %s: its data has no tokenizer (name the folder to use it, "
+                 "e.g. teacher=%s)", model_dir, latest_link(cfg, cfg.task_name), model_dir)
+        return
+    if cfg.get("sample") and cfg.sample.max_new_tokens > 0:
         _sample(cfg, model, tokenizer, loggers)  # before the link: a run that fails here is not published
     link = latest_link(cfg, cfg.task_name)
     link.parent.mkdir(parents=True, exist_ok=True)

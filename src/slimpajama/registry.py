@@ -17,6 +17,11 @@ from typing import Iterable, Optional, Union
 
 PIPELINE = ("pretrain", "distill", "prune", "finetune")
 ALIASES = ("slimpajama", "latest")
+# the stages whose model a stage starts from when it names none (the first finished one, in this order),
+# and the config key that names one: the pipeline passes its own previous stage's model through it
+INPUTS = {"distill": ("teacher", ("pretrain",)),
+          "prune": ("stage.module.init_from", ("distill", "pretrain")),
+          "finetune": ("init_from", ("prune", "distill", "pretrain"))}
 
 
 def default_log_dir() -> Path:

@@ -28,18 +28,16 @@ from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
 from slimpajama.generation import check_template, encode_prompt
 from slimpajama.losses import IGNORE_INDEX
-from slimpajama.registry import latest_model, resolve_model
+from slimpajama.registry import INPUTS, latest_model, resolve_model
 from slimpajama.tokenizer import CONTROL_SHAPE, SlimPajamaTokenizer
 
 log = logging.getLogger(__name__)
-
-INIT_STAGES = ("prune", "distill", "pretrain")  # init_from=null: the newest finished of these, in this order
 
 
 def resolve_init(init_from: Optional[str], log_dir: Optional[str] = None) -> Path:
     """The model fine-tuning starts from: a folder or registered name, or the furthest finished stage."""
     if init_from is None:
-        return latest_model(INIT_STAGES, log_dir=log_dir)
+        return latest_model(INPUTS["finetune"][1], log_dir=log_dir)
     return resolve_model(init_from, log_dir=log_dir)
 
 

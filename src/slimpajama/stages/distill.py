@@ -27,7 +27,7 @@ from slimpajama.losses import IGNORE_INDEX, check_kd_settings, hidden_state_loss
 from slimpajama.model import SlimPajamaConfig
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import SlimPajamaModel
-from slimpajama.registry import latest_model, resolve_model
+from slimpajama.registry import INPUTS, latest_model, resolve_model
 from slimpajama.tokenizer import MODEL_FILE, SlimPajamaTokenizer
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def resolve_teacher(teacher: Optional[str], log_dir: Optional[str] = None) -> Pa
     otherwise a model folder or a registered name (`slimpajama/pretrain`, ...)."""
     try:
         if teacher is None:
-            return latest_model(["pretrain"], log_dir=log_dir)
+            return latest_model(INPUTS["distill"][1], log_dir=log_dir)
         return resolve_model(teacher, log_dir=log_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"teacher={teacher}: {e}") from None

@@ -39,7 +39,7 @@ from slimpajama.generation import tokens_per_sec
 from slimpajama.losses import check_kd_settings, linear_cross_entropy, linear_distill_loss
 from slimpajama.optim import FusedOptimizerClipping, lightning_optimizers
 from slimpajama.pretrained import CONFIG_FILE, WEIGHTS_FILE, SlimPajamaModel, folder_dtype, weight_files
-from slimpajama.registry import latest_model, resolve_model
+from slimpajama.registry import INPUTS, latest_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class PruneModule(FusedOptimizerClipping, L.LightningModule):
         if init_from:
             self.source = resolve_model(init_from, log_dir)
         else:
-            self.source = latest_model(["distill", "pretrain"], log_dir=log_dir)
+            self.source = latest_model(INPUTS["prune"][1], log_dir=log_dir)
         self.model = SlimPajamaModel.from_pretrained(self.source).train()  # float32 to prune and recover
         self.save_dtype = source_dtype(self.source)  # saved as the source was: a bfloat16 model stays bfloat16
         log.info("pruning %s (%.2fM parameters) by %s to sparsity %s", self.source, self.model.num_params() / 1e6,
