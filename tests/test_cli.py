@@ -9,6 +9,7 @@ import torch
 
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
 from slimpajama.cli import build_parser, chat, complete, generation_kwargs, main
+from slimpajama.generation import encode_prompt
 
 from conftest import CONTROL, VOCAB
 
@@ -96,9 +97,16 @@ def test_chat_keeps_the_conversation(folder, tok):
 @pytest.mark.parametrize(("argv", "match"), [
     (["--prompt", "x", "--dtype", "float99"], "torch_dtype='float99' is not a torch dtype"),
     (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-    (["--chat", "--max-new-tokens", "127"], "leaves no room for the conversation"),
+    (["--chat", "--max-new-tokens", "127"], "--max-new-tokens 127 leaves 0 of the model's max_seq_len of 128 tokens"),
     (["--chat", "--max-length", "20"], "--chat takes --max-new-tokens"),
+    (["--chat", "--min-length", "20"], "--chat takes --min-new-tokens"),
+    (["--chat", "--temperature", "1", "--num-return-sequences", "2"], "--chat gives one reply a turn: --num-return-sequences 2"),
     (["--prompt", "x", "--device", "bogus"], "--device 'bogus'"),
+    (["--prompt", "x", "--dtype", "int8"], "torch_dtype='int8': a model runs in float32, bfloat16, float16 or float64"),
+    (["--prompt", "x", "--dtype", "float8_e4m3fn"], "torch_dtype='float8_e4m3fn': a model runs in"),
+    (["--prompt", "x", "--temperature", "0", "--num-return-sequences", "3"], "num_return_sequences=3 with greedy"),
+    (["--prompt", "x", "--guidance-scale", "2"], "--guidance-scale guides towards --control.*: give --control"),
+    (["--prompt", "x", "--eos-token-id", "2", "512"], "--eos-token-id 512 is outside the model's vocabulary of 512"),
 ])
 def test_a_users_mistake_is_one_line_without_a_traceback(folder, argv, match):
     with pytest.raises(SystemExit, match="slimpajama-generate: error: .*" + match):
@@ -194,3 +202,114 @@ def test_chat_keeps_the_replies_ids_and_reads_the_users_line_as_text(folder, tok
     assert tok.eos_token_id not in first[1:]
     reply = [i for i in replies[0] if i not in (tok.eos_token_id, tok.pad_token_id)]
     assert second[: len(first) + len(reply)] == first + reply  # the conversation as generated, not re-encoded
+
+
+def test_generate_options_the_readme_presents_are_on_the_command_line(folder, tok, capsys):
+    """--guidance-scale (against the prompt without its control, as evaluation's "guided" mode),
+    --min-length and --eos-token-id (one or more) reach generate."""
+    args = build_parser().parse_args(["m", "--min-length", "7", "--eos-token-id", "3", "5", "--guidance-scale", "1.5"])
+    assert generation_kwargs(args) == {"min_length": 7, "eos_token_id": [3, 5], "guidance_scale": 1.5,
+                                       "num_return_sequences": 1}
+    assert main([str(folder), "-p", "the river", "-c", CONTROL[0], "--guidance-scale", "3", "--greedy",
+                 "--max-new-tokens", "8", "--eos-token-id", "-1"]) == 0
+    model, template = SlimPajamaModel.from_pretrained(folder), "{control}{input}\n"
+    ids = torch.tensor([encode_prompt(tok, template, CONTROL[0], "the river")])
+    negative = torch.tensor([encode_prompt(tok, template, "", "the river")])
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=-1, guidance_scale=3.0,
+                              negative_prompt_ids=negative)
+    assert expected.size(1) == ids.size(1) + 8  # -1: no end id stops it
+    assert capsys.readouterr().out == tok.decode(expected[0, ids.size(1):], skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("line", ["the river " * 80, "😀" * 40])
+def test_chat_a_line_too_long_for_the_window_keeps_its_control_and_loses_its_end(folder, tok, line):
+    """The history goes first; then the newest turn keeps its template and control and loses the end of its
+    line (on whole characters), as fine-tuning cuts a long prompt. It used to be cut from the left, control first."""
+    model = SlimPajamaModel.from_pretrained(folder)  # max_seq_len 128
+    args = build_parser().parse_args([str(folder), "--chat", "--greedy", "--max-new-tokens", "8", "-c", CONTROL[0]])
+    prompts, original = [], model.generate
+    model.generate = lambda ids, **kw: prompts.append(ids[0].tolist()) or original(ids, **kw)
+    template = "{control}{input}\n"
+    chat(model, tok, args, generation_kwargs(args), template, inp=io.StringIO(f"hello\n{line}\n\n"), out=io.StringIO())
+    _, ids = prompts
+    tail = tok.encode_continuation("\n", split_special_tokens=False)
+    full = encode_prompt(tok, template, CONTROL[0], line.strip())
+    assert ids[0] == tok.bos_token_id and len(ids) == 128 - 8 and ids[-len(tail):] == tail  # the template's end
+    start = ids.index(full[1])  # the control (a cut on whole characters may leave the history's last ids before it)
+    assert start <= 4 and ids[start:-len(tail)] == full[1:][: len(ids) - start - len(tail)]  # and the line's beginning
+    assert "hello" not in tok.decode(ids) and "\ufffd" not in tok.decode(ids)
+
+
+def test_chat_guidance_leaves_the_newest_turns_control_out_of_the_unconditional_prompt(folder, tok):
+    model = SlimPajamaModel.from_pretrained(folder)
+    args = build_parser().parse_args([str(folder), "--chat", "--greedy", "--max-new-tokens", "4", "-c", CONTROL[0],
+                                      "--guidance-scale", "2"])
+    seen, original = [], model.generate
+    model.generate = lambda ids, **kw: seen.append((ids[0].tolist(), kw["negative_prompt_ids"][0].tolist())) or original(ids, **kw)
+    chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO("hello\n\n"), out=io.StringIO())
+    assert seen == [(encode_prompt(tok, "{control}{input}\n", CONTROL[0], "hello"),
+                     encode_prompt(tok, "{control}{input}\n", "", "hello"))]
+
+
+def test_chats_default_reply_length_fits_a_short_model_and_its_error_says_it_is_the_default(tok):
+    """64 tokens, or half of max_seq_len when that is less: a 64-token model used to fail naming
+    "--max-new-tokens 64", a flag never given."""
+    args = build_parser().parse_args(["m", "--chat", "--greedy", "-c", CONTROL[0]])
+    for limit, reply in ((64, 32), (256, 64)):
+        torch.manual_seed(0)
+        model = SlimPajamaModel(SlimPajamaConfig(vocab_size=VOCAB, n_layer=1, n_head=2, d_model=16,
+                                                 intermediate_size=32, max_seq_len=limit)).eval()
+        lengths, original = [], model.generate
+        model.generate = lambda ids, **kw: lengths.append(kw["max_new_tokens"]) or original(ids, **kw)
+        chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO("hi\n\n"), out=io.StringIO())
+        assert lengths == [reply]
+    model.config.max_seq_len = 6  # 3 for the reply, 2 after bos: a turn needs the control, a token, "\n"
+    with pytest.raises(ValueError, match=r"^the default reply length of 3 tokens \(set it with --max-new-tokens\) "
+                                         r"leaves 2 of the model's max_seq_len of 6 tokens"):
+        chat(model, tok, args, generation_kwargs(args), "{control}{input}\n", inp=io.StringIO("hi\n\n"))
+
+
+def test_the_reports_adherence_finds_without_for_a_task_named_with_with():
+    from slimpajama.report import summary_table
+
+    row = {"model": "fine-tuned", "stage": "finetune", "params": 1e6, "file_mb": 1.0, "val_ppl": 10.0,
+           "gen_tokens_per_s": None, "sparsity": None, "tasks": {},
+           "control": {"control/chat_with_style/adherence_with": 0.9, "control/chat_with_style/adherence_without": 0.2}}
+    assert summary_table([row]).splitlines()[-1].endswith("| chat_with_style 90% / 20% |")  # was "90% / nan%"
+
+
+def test_the_reports_mistakes_are_one_line_naming_the_flag(tmp_path):
+    from slimpajama.report import main as report_main
+
+    for argv, match in [(["--log-dir", str(tmp_path)], rf"{tmp_path}/latest: no finished stage runs"),
+                        (["--log-dir", str(tmp_path / "nowhere")], "--log-dir .*nowhere: no such folder"),
+                        (["--runs", str(tmp_path / "nowhere")], "--runs .*nowhere: no such folder"),
+                        (["--runs", str(tmp_path)], "--runs .*: no finished stage runs"),
+                        (["--log-dir", str(tmp_path), "--gen-tokens", "-1"], "--gen-tokens -1 must be >= 0")]:
+        with pytest.raises(SystemExit, match=f"^python -m slimpajama.report: error: {match}"):
+            report_main(argv)
+
+
+def test_evaluates_arguments_are_checked_before_the_evaluation(folder, tmp_path, monkeypatch):
+    """Each used to fail inside the evaluation (range(), random.sample), or, for --output, after all of it."""
+    import types
+
+    import slimpajama.evaluate as E
+
+    calls = []
+    monkeypatch.setattr(E, "load_task", lambda path: types.SimpleNamespace(controls=[]))
+    monkeypatch.setattr(E, "evaluate_tasks", lambda *a, **k: calls.append(k) or ({"test/t/accuracy": 0.5}, {}))
+    (tmp_path / "tasks" / "t").mkdir(parents=True)
+    (tmp_path / "tasks" / "t" / "task.json").write_text("{}")
+    (tmp_path / "afile").write_text("")
+    base = [str(folder), "--tasks-dir", str(tmp_path / "tasks"), "--device", "cpu"]
+    for argv, match in [(["--per-control", "0"], "--per-control 0 must be >= 1"),
+                        (["--max-examples", "0"], "--max-examples 0 must be >= 1"),
+                        (["--max-examples", "-1"], "--max-examples -1 must be >= 1"),
+                        (["--output", str(tmp_path / "afile" / "m.json")], "--output .*afile.* is a file, not a folder"),
+                        (["--output", str(tmp_path)], "--output .*: is a folder")]:
+        with pytest.raises(SystemExit, match=f"^python -m slimpajama.evaluate: error: {match}"):
+            E.main(base + argv)
+    assert calls == []  # refused before the evaluation
+    assert E.main(base + ["--output", str(tmp_path / "new" / "deeper" / "m.json")]) == 0  # its folder is made
+    assert (tmp_path / "new" / "deeper" / "m.json").read_text().strip() == '{\n  "test/t/accuracy": 0.5\n}'

@@ -247,6 +247,8 @@ def test_cli_on_a_saved_structured_pruned_shape(tok, tmp_path, capsys):
         main([str(folder / "nowhere"), "-p", PROMPT, "-o", str(out)])
     with pytest.raises(SystemExit, match="slimpajama-explain: error: --device 'bogus'"):
         main([str(folder), "-p", PROMPT, "--device", "bogus", "-o", str(out)])
+    with pytest.raises(SystemExit, match="slimpajama-explain: error: torch_dtype='int8': a model runs in float32"):
+        main([str(folder), "-p", PROMPT, "--dtype", "int8", "-o", str(out)])  # was nn.Module.to's traceback
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match="slimpajama-explain: error: .*afile"):  # an output path that is a file
         main([str(folder), "-p", PROMPT, "--max-new-tokens", "2", "-o", str(tmp_path / "afile")])

@@ -275,6 +275,15 @@ def test_num_return_sequences_repeats_each_prompt(model):
         model.generate(ids, max_new_tokens=10, do_sample=False, num_return_sequences=3)
 
 
+def test_temperature_zero_is_greedy_so_several_sequences_are_refused(model):
+    """temperature 0 samples nothing (sample_next takes the argmax): three "samples" would be one greedy copy."""
+    ids = torch.randint(4, VOCAB, (1, 5))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, temperature=0, eos_token_id=-1), greedy(model, ids, n=6))
+    for kwargs in ({"temperature": 0}, {"temperature": 0.0, "do_sample": True, "top_k": 5}):
+        with pytest.raises(ValueError, match=r"num_return_sequences=3 with greedy decoding \(do_sample=False or temperature=0\)"):
+            model.generate(ids, max_new_tokens=4, num_return_sequences=3, **kwargs)
+
+
 def test_eos_stops_a_row_and_pads_the_rest(model):
     ids = torch.randint(4, VOCAB, (2, 5))
     free = greedy(model, ids, n=10)
@@ -728,6 +737,20 @@ def test_from_pretrained_dtype_and_device(tmp_path):
     SlimPajamaModel(tiny()).save_pretrained(tmp_path, dtype=torch.bfloat16)
     (tmp_path / "config.json").write_text(json.dumps(config))  # records no dtype: "auto" is the stored weights'
     assert SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bool", "complex64", "float8_e4m3fn", torch.int64])
+def test_from_pretrained_refuses_a_dtype_a_model_cannot_run_in(tmp_path, dtype):
+    """nn.Module.to refuses integer dtypes with a traceback; complex and float8 load but no kernel runs them."""
+    SlimPajamaModel(tiny()).save_pretrained(tmp_path)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"torch_dtype=.*{name}.*: a model runs in float32, bfloat16, float16 or "
+                                         rf"float64, not {name}$"):
+        SlimPajamaModel.from_pretrained(tmp_path, torch_dtype=dtype)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": name}))
+    with pytest.raises(ValueError, match=r"torch_dtype='auto' \(the saved dtype\): .*not " + name):
+        SlimPajamaModel.from_pretrained(tmp_path, torch_dtype="auto")
 
 
 def test_save_pretrained_keeps_the_loaded_generation_config_under_the_one_passed(tmp_path):

@@ -315,11 +315,11 @@ def test_throughput_leaves_validation_time_out_and_keeps_the_batches_before_it(m
     assert logged == [("train/tokens_per_sec", pytest.approx(64.0)), ("train/mfu", pytest.approx(64 * 1000 / 1e6))]
 
 
-@pytest.mark.parametrize("settings, n", [({"temperature": 0.8, "top_k": 50}, 3), ({"temperature": None, "top_k": None}, 1)],
-                         ids=["sampled", "greedy"])
+@pytest.mark.parametrize("settings, n", [({"temperature": 0.8, "top_k": 50}, 3), ({"temperature": None, "top_k": None}, 1),
+                                         ({"temperature": 0, "top_k": 50}, 1)], ids=["sampled", "greedy", "temperature-0"])
 def test_the_after_training_sample_draws_num_samples_or_one_greedy_text(tok, caplog, settings, n):
-    """sample.temperature and sample.top_k both null decode greedily: one text, not an error for
-    num_samples identical copies."""
+    """sample.temperature and sample.top_k both null, or temperature 0, decode greedily: one text, not an
+    error for num_samples identical copies."""
     from omegaconf import OmegaConf
 
     from slimpajama.model import SlimPajamaConfig

@@ -4,12 +4,15 @@
     slimpajama-generate logs/latest/finetune/model --control "<|source:plays|>" --prompt "..." \
         --temperature 0.7 --top-p 0.9 --max-new-tokens 200
     slimpajama-generate slimpajama/finetune --chat --control "<|task:dialogue|>"
+    slimpajama-generate slimpajama/finetune --control "<|source:plays|>" --prompt "" --guidance-scale 2 --do-sample
 
 The prompt is built with the model's `prompt_template` (saved in generation_config.json by the
 fine-tuning stage; default "{control}{input}"), so a control signal lands where training put it,
 and the text is encoded as fine-tuning encoded its inputs (plain text: a "</s>" in it stays text).
-A control token the model does not know (`<|style:formal|>` for the demo's model, whose tokens are
-`<|source:...|>` and `<|task:...|>`) is refused with the list of those it knows.
+`--guidance-scale` is classifier-free guidance towards `--control`, against the same prompt without it
+(as evaluation's "guided" mode). A control token the model does not know (`<|style:formal|>` for the
+demo's model, whose tokens are `<|source:...|>` and `<|task:...|>`) is refused with the list of those
+it knows.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from slimpajama.tokenizer import SlimPajamaTokenizer
 
 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+CHAT_REPLY = 64  # --chat's reply length without --max-new-tokens: at most half the model's max_seq_len
 
 
 def unescape(text: str) -> str:
@@ -41,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--control", default="", help='a control token such as "<|style:formal|>" or an instruction')
     p.add_argument("--chat", action="store_true", help="interactive chat: one line per turn, empty line or Ctrl-D ends")
     g = p.add_argument_group("decoding (as in generate(); a sampling option samples unless --greedy)")
-    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: up to the model's max_seq_len; with --chat, a reply's length: {CHAT_REPLY}, "
+                        "or half the max_seq_len when that is less")
     g.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
     g.add_argument("--min-new-tokens", type=int, default=None, help="new tokens before the end token may come")
+    g.add_argument("--min-length", type=int, default=None, help="prompt + new tokens before the end token may come")
+    g.add_argument("--eos-token-id", type=int, nargs="+", default=None, metavar="ID",
+                   help="the id(s) that end a sequence (default: the model's end token; -1: never end)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="do_sample=False")
     mode.add_argument("--do-sample", action="store_true", help="sample with the model's defaults")
@@ -55,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-repeat-ngram-size", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, type=unescape,
                    help=r'a stop string (repeatable); \n, \t, \r and \\ are read as in Python: --stop "\n\n"')
-    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--num-return-sequences", type=int, default=1, help="sequences to sample (not with --chat)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance towards --control, against the same prompt without it: "
+                        "1 is plain conditioning, larger pushes further (needs --control)")
     g.add_argument("--seed", type=int, default=None)
     r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    r.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64 | auto (as saved)")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     r.add_argument("--compile", action="store_true",
@@ -70,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {
         "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "min_new_tokens": args.min_new_tokens,
-        "temperature": args.temperature,
+        "min_length": args.min_length, "eos_token_id": args.eos_token_id, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size, "stop_strings": args.stop,
-        "num_return_sequences": args.num_return_sequences, "seed": args.seed,
+        "num_return_sequences": args.num_return_sequences, "seed": args.seed, "guidance_scale": args.guidance_scale,
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if args.greedy:
@@ -107,13 +119,17 @@ def checked_template(model, name: str) -> str:
 
 
 def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stream: bool, out=None,
-             new_ids: Optional[list] = None) -> list[str]:
+             new_ids: Optional[list] = None, negative: Optional[list[int]] = None) -> list[str]:
     """Generate from `prompt` (text, or its ids with bos); stream the text to `out` (stdout) when asked
-    (one sequence). Returns the new texts; `new_ids`, when given, receives each row's new ids."""
+    (one sequence). `negative`: the ids (with bos) of the unconditional prompt of classifier-free
+    guidance. Returns the new texts; `new_ids`, when given, receives each row's new ids."""
     out = out or sys.stdout
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt)
-    ids = torch.tensor([prompt], dtype=torch.long, device=model.lm_head.weight.device)
+    device = model.lm_head.weight.device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    if negative is not None:
+        kwargs = {**kwargs, "negative_prompt_ids": torch.tensor([negative], dtype=torch.long, device=device)}
     streamer = None
     if stream and kwargs.get("num_return_sequences", 1) == 1:
         streamer = TextStreamer(tokenizer, skip_prompt=True, on_text=lambda t: (out.write(t), out.flush()))
@@ -130,42 +146,82 @@ def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stre
     return texts
 
 
+def guided(kwargs: dict) -> bool:
+    """Whether `kwargs` ask for classifier-free guidance (generate's rule: a scale other than None or 1)."""
+    return kwargs.get("guidance_scale") not in (None, 1.0)
+
+
 def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None) -> None:
     """Turns are `template` (control + the user's line, encoded as fine-tuning encoded its prompts) followed
-    by the model's reply; a reply ends at a newline or EOS. The conversation is kept as ids, cut from the
-    left to leave room for the reply."""
+    by the model's reply; a reply ends at a newline or EOS, and is `--max-new-tokens` long at most (default
+    `CHAT_REPLY`, or half the model's max_seq_len when that is less). The conversation is kept as ids and
+    cut to leave room for the reply: older turns go first, from the left; a newest turn that alone is too
+    long keeps its template and control and loses the end of its line, as fine-tuning cuts a long prompt
+    (`fit_prompt`). Both cuts fall between whole characters. With guidance, the unconditional prompt is the
+    same conversation with the newest turn's control left out."""
     inp, out = inp or sys.stdin, out or sys.stdout
     if "max_length" in kwargs and "max_new_tokens" not in kwargs:
         raise ValueError("--chat takes --max-new-tokens, the length of a reply, not --max-length")
-    kwargs = {"max_new_tokens": 64, **kwargs, "num_return_sequences": 1}
+    if "min_length" in kwargs:
+        raise ValueError("--chat takes --min-new-tokens, the least length of a reply, not --min-length")
+    if kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError(f"--chat gives one reply a turn: --num-return-sequences {kwargs['num_return_sequences']} "
+                         "works with --prompt")
+    limit = model.config.max_seq_len
+    reply_flag = (f"--max-new-tokens {kwargs['max_new_tokens']}" if "max_new_tokens" in kwargs else
+                  f"the default reply length of {min(CHAT_REPLY, limit // 2)} tokens (set it with --max-new-tokens)")
+    kwargs = {"max_new_tokens": min(CHAT_REPLY, limit // 2), **kwargs}
     kwargs["stop_strings"] = list(kwargs.get("stop_strings") or []) + ["\n"]
-    history: list[int] = []
-    budget = model.config.max_seq_len - kwargs["max_new_tokens"]
-    if budget < 2:  # bos and at least one token of the conversation
-        raise ValueError(f"--max-new-tokens {kwargs['max_new_tokens']} leaves no room for the conversation in the "
-                         f"model's max_seq_len of {model.config.max_seq_len}")
     continuation = continuation_ids(tokenizer)
     newline = tokenizer.encode_continuation("\n", split_special_tokens=False)
     end = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    before, after = check_template(template)
+    tail = tokenizer.encode_continuation(after, split_special_tokens=False) + ([] if template.endswith("\n") else newline)
+    room = limit - kwargs["max_new_tokens"] - 1  # the conversation's ids after bos
+    control = args.control or ""
+
+    def head(control: str) -> int:
+        """How many ids of a turn come before its line: the template's text and the control."""
+        return len(tokenizer.encode(before.format(control=control))) - 1
+
+    least = head(control) + len(tail) + 1  # a turn with one token of its line
+    if room < least:
+        raise ValueError(f"{reply_flag} leaves {max(room, 0)} of the model's max_seq_len of {limit} tokens for the "
+                         f"conversation after bos; a turn needs at least {least} (its template and control, and a "
+                         "token of the line)")
+
+    def turn(control: str, line: str) -> list[int]:
+        """The turn's ids without bos, at most `room`: a long line loses its end, on whole characters."""
+        ids = encode_prompt(tokenizer, template, control, line)[1:] + ([] if template.endswith("\n") else newline)
+        if len(ids) <= room:
+            return ids
+        keep = room - len(tail)
+        while keep > head(control) and ids[keep] in continuation:  # the next id would end the kept part mid-character
+            keep -= 1
+        return ids[:keep] + tail
+
+    def window(history: list[int], turn: list[int]) -> list[int]:
+        """bos, the newest of `history` that fits beside `turn` (whole characters), `turn`."""
+        ids = history + turn
+        start = max(0, len(ids) - room)
+        while start < len(history) and ids[start] in continuation:
+            start += 1
+        return [tokenizer.bos_token_id] + ids[start:]
+
+    history: list[int] = []
     while True:
         out.write("> ")
         out.flush()
         line = inp.readline()
         if not line.strip():
             return
-        turn = encode_prompt(tokenizer, template, args.control or "", line.strip())[1:]  # without its bos
-        if not template.endswith("\n"):
-            turn += newline
-        ids = history + turn
-        start = max(0, len(ids) - (budget - 1))  # keep the newest tokens; the bos token starts the window
-        while start < len(ids) - 1 and ids[start] in continuation:  # and whole characters
-            start += 1
-        kept = ids[start:]
+        prompt = window(history, turn(control, line.strip()))
+        negative = window(history, turn("", line.strip())) if guided(kwargs) else None
         replies: list = []
-        complete(model, tokenizer, [tokenizer.bos_token_id] + kept, kwargs, stream=not args.no_stream, out=out,
-                 new_ids=replies)
+        complete(model, tokenizer, prompt, kwargs, stream=not args.no_stream, out=out, new_ids=replies,
+                 negative=negative)
         reply = [i for i in replies[0] if i not in end]  # the reply's own ids, without an end id or padding
-        history = kept + reply + ([] if tokenizer.decode(reply).endswith("\n") else newline)
+        history = prompt[1:] + reply + ([] if tokenizer.decode(reply).endswith("\n") else newline)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -189,11 +245,21 @@ def checked_device(name: str) -> str:
     return name
 
 
+def check_eos_ids(ids: Optional[list[int]], vocab_size: int) -> None:
+    """Refuse an --eos-token-id outside the vocabulary (which would never end a sequence); -1 means never end."""
+    bad = [i for i in ids or [] if i != -1 and not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"--eos-token-id {bad[0]} is outside the model's vocabulary of {vocab_size} (-1: never end)")
+
+
 def run(args: argparse.Namespace) -> int:
     checked_device(args.device)
+    if args.guidance_scale is not None and not args.control:
+        raise ValueError("--guidance-scale guides towards --control, against the same prompt without it: give --control")
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     check_control(tokenizer, args.model, "--control", args.control)
     model = SlimPajamaModel.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    check_eos_ids(args.eos_token_id, model.config.vocab_size)
     template = checked_template(model, args.model)
     kwargs = generation_kwargs(args)
     if args.chat:
@@ -202,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     # as fine-tuning built its prompts: the control a token, the text plain (a "</s>" in it is text)
     prompt = encode_prompt(tokenizer, template, args.control or "", text)
-    complete(model, tokenizer, prompt, kwargs, stream=not args.no_stream)
+    negative = encode_prompt(tokenizer, template, "", text) if guided(kwargs) else None  # as evaluation's "guided"
+    complete(model, tokenizer, prompt, kwargs, stream=not args.no_stream, negative=negative)
     return 0
 
 

@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import re
 import string
@@ -368,9 +369,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("model", help="a saved model folder or a registry name (slimpajama/finetune)")
     p.add_argument("--tasks-dir", default="data/tasks", help="folder of task folders (built by the finetune stage)")
     p.add_argument("--tasks", nargs="*", default=None, help="task names (default: every task folder there)")
-    p.add_argument("--output", default=None, help="metrics.json to write (default: <model>/metrics.json)")
-    p.add_argument("--max-examples", type=int, default=200)
-    p.add_argument("--per-control", type=int, default=24, help="generations per control value and mode")
+    p.add_argument("--output", default=None,
+                   help="metrics.json to write, its folder made when missing (default: <model>/metrics.json)")
+    p.add_argument("--max-examples", type=int, default=200, help="test examples per task, at most (>= 1)")
+    p.add_argument("--per-control", type=int, default=24, help="generations per control value and mode (>= 1)")
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -381,11 +383,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_command("python -m slimpajama.evaluate", _evaluate, args)
 
 
+def checked_output(path: Path) -> Path:
+    """`path` if a file can be written there once the evaluation is done: not a folder, and its folder a
+    folder or one that can be made (no file in the way, a writable folder above it); else an error naming
+    --output."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--output {path}: is a folder; give the file to write, e.g. {path / 'metrics.json'}")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--output {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {path}: cannot write in {folder}")
+    return path
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from slimpajama.cli import checked_device
     from slimpajama.pretrained import SlimPajamaModel
     from slimpajama.tokenizer import SlimPajamaTokenizer
 
+    for flag, value in (("--max-examples", args.max_examples), ("--per-control", args.per_control)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    output = checked_output(Path(args.output)) if args.output else None
     model = SlimPajamaModel.from_pretrained(args.model, device=checked_device(args.device))
     tokenizer = SlimPajamaTokenizer.from_pretrained(args.model)
     template = (model.generation_config or {}).get("prompt_template", DEFAULT_TEMPLATE)
@@ -403,7 +425,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: its tokenizer lacks the control tokens {missing}: not fine-tuned on these tasks")
     metrics, _ = evaluate_tasks(model, tokenizer, tasks, template, max_examples=args.max_examples,
                                 per_control=args.per_control, guidance_scale=args.guidance_scale, seed=args.seed)
-    out = Path(args.output) if args.output else Path(model_dir(args.model)) / "metrics.json"
+    out = output or Path(model_dir(args.model)) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     out.write_text(json.dumps({**previous, **metrics}, indent=2, sort_keys=True) + "\n")
     print(json.dumps(metrics, indent=2, sort_keys=True))

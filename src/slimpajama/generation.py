@@ -540,8 +540,8 @@ def generate(
     """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding)
     -> (B * num_return_sequences, T + n): prompt + new ids; rows that finish early are filled with
     `pad_token_id`. Greedy unless sampling is asked for (`do_sample=True`, or any of temperature,
-    top_k, top_p, min_p given without `do_sample=False`). `max_new_tokens` wins over `max_length`
-    (prompt included); with neither, decoding runs to the model's `max_seq_len`. Before
+    top_k, top_p, min_p given without `do_sample=False`); temperature 0 is greedy too. `max_new_tokens`
+    wins over `max_length` (prompt included); with neither, decoding runs to the model's `max_seq_len`. Before
     `min_new_tokens` new tokens (or a length of `min_length`, prompt included) no end id is drawn,
     as in transformers; stop strings still stop.
     `use_cache=False` recomputes the whole prefix every step (for comparison only).
@@ -588,9 +588,10 @@ def generate(
         raise ValueError("a prompt ends with padding: pad on the left (tokenizer(..., padding_side='left'))")
     if not is_whole_number(num_return_sequences) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a whole number >= 1, got {num_return_sequences!r}")
-    if num_return_sequences > 1 and not do_sample:
-        raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding would return identical "
-                         "copies: sample (do_sample=True), as transformers requires")
+    if num_return_sequences > 1 and (not do_sample or temperature == 0):  # temperature 0 decodes greedily too
+        raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding (do_sample=False or "
+                         "temperature=0) would return identical copies: sample with a temperature above 0, as "
+                         "transformers requires")
     if num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
         attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)

@@ -177,7 +177,8 @@ def _sample(cfg: DictConfig, model, tokenizer, loggers) -> None:
     """`sample.num_samples` generations from `sample.prompt`: logged, and a W&B table
     (`samples/generations`) when a logger is W&B."""
     s = cfg.sample
-    sampled = s.temperature is not None or s.top_k is not None  # both null: greedy, so one generation
+    # greedy, so one generation: temperature and top_k both null, or temperature 0
+    sampled = s.temperature != 0 and (s.temperature is not None or s.top_k is not None)
     ids = tokenizer.encode(s.prompt, return_tensors="pt").to(next(model.parameters()).device)
     out_ids = model.generate(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                              seed=cfg.seed, num_return_sequences=s.get("num_samples", 1) if sampled else 1)

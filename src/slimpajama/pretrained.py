@@ -23,6 +23,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what from_pretrained loads a model in
 HF_TOP_K = 50  # sampling's top_k when neither the call nor generation_config.json sets one, as in transformers
 
 _HF_KEYS = {  # ours -> Llama's config.json
@@ -250,20 +251,24 @@ class SlimPajamaModel(Transformer):
     ) -> "SlimPajamaModel":
         """Load a saved folder, or a name of the local model index (`slimpajama`, `slimpajama/<stage>`:
         see `slimpajama.registry`). Weights are read from safetensors only (never unpickled); a tensor
-        whose shape disagrees with config.json is an error. torch_dtype (or dtype): e.g. "bfloat16",
-        "auto" (as saved); default float32 (transformers 5 defaults to "auto"). Returns the model in eval mode."""
+        whose shape disagrees with config.json is an error. torch_dtype (or dtype): float32, bfloat16,
+        float16, float64 (another dtype is a ValueError), or "auto" (as saved); default float32
+        (transformers 5 defaults to "auto"). Returns the model in eval mode."""
         directory = resolve_model(name_or_path)
         config_path = directory / CONFIG_FILE
         hf_config = json.loads(config_path.read_text())
         config = config_from_hf(hf_config, str(config_path))
-        dtype = torch_dtype if torch_dtype is not None else dtype
-        if dtype == "auto":
-            dtype = folder_dtype(directory, hf_config)
+        asked = torch_dtype if torch_dtype is not None else dtype
+        dtype = folder_dtype(directory, hf_config) if asked == "auto" else asked
         if isinstance(dtype, str):
-            name, dtype = dtype, getattr(torch, dtype, None)
+            dtype = getattr(torch, dtype, None)
             if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"torch_dtype={name!r} is not a torch dtype (e.g. 'float32', 'bfloat16', 'auto')")
+                raise ValueError(f"torch_dtype={asked!r} is not a torch dtype (e.g. 'float32', 'bfloat16', 'auto')")
         dtype = dtype or torch.float32
+        if dtype not in MODEL_DTYPES:  # int8, bool: nn.Module.to refuses them; complex, float8: no model kernels
+            saved = " (the saved dtype)" if asked == "auto" else ""
+            raise ValueError(f"torch_dtype={asked!r}{saved}: a model runs in float32, bfloat16, float16 or float64, "
+                             f"not {str(dtype).removeprefix('torch.')}")
         files = weight_files(directory)
         hf_sd = {}
         for f in files:

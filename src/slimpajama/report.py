@@ -36,7 +36,10 @@ def stage_runs(log_dir: Optional[Path] = None, runs: Optional[Path] = None) -> d
         root = Path(log_dir) if log_dir else default_log_dir()
         found = {s: (root / "latest" / s).resolve() for s in PIPELINE if (root / "latest" / s / "metrics.json").is_file()}
     if not found:
-        raise FileNotFoundError(f"no finished stage runs under {runs or log_dir or default_log_dir()}")
+        where = f"--runs {runs}" if runs is not None else f"{Path(log_dir or default_log_dir()) / 'latest'}"
+        raise FileNotFoundError(f"{where}: no finished stage runs (a <stage>/metrics.json for one of "
+                                f"{', '.join(PIPELINE)}); run `python train.py experiment=pipeline_demo`, or pass "
+                                "--runs or --log-dir")
     return found
 
 
@@ -224,7 +227,7 @@ def summary_table(rows: list[dict]) -> str:
                           if k.rsplit("/", 1)[-1] in ("accuracy", "f1", "f1_macro", "bleu", "chrf", "exact_match", "ppl"))
         with_ = {k: v for k, v in r["control"].items() if k.endswith("/adherence_with") and k.count("/") == 2}
         adher = ", ".join(
-            f"{k.split('/')[1]} {v:.0%} / {r['control'].get(k.replace('_with', '_without'), float('nan')):.0%}"
+            f"{k.split('/')[1]} {v:.0%} / {r['control'].get(k.removesuffix('_with') + '_without', float('nan')):.0%}"
             for k, v in with_.items())
         lines.append(
             f"| {r['model']} | {r['stage']} | {r['params'] / 1e6:.2f}M | {r['file_mb']:.1f} | {_fmt(r['val_ppl'], '.1f')} | "
@@ -280,10 +283,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--log-dir", default=None, help="default: $SLIMPAJAMA_LOG_DIR or ./logs")
     p.add_argument("--out", default=None, help="default: the --runs folder, else logs/report")
     p.add_argument("--prompt", default="The")
-    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--gen-tokens", type=int, default=64, help="new tokens of the tokens/s measurement (0: not measured)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from slimpajama.cli import run_command
+
+    return run_command("python -m slimpajama.report", _report, args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """The report of `main`'s arguments; each is checked before any model is loaded."""
+    if args.gen_tokens < 0:
+        raise ValueError(f"--gen-tokens {args.gen_tokens} must be >= 0 (0: no tokens/s measurement)")
+    if args.runs and not Path(args.runs).is_dir():
+        raise FileNotFoundError(f"--runs {args.runs}: no such folder")
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir()
+    if args.log_dir and not log_dir.is_dir():
+        raise FileNotFoundError(f"--log-dir {args.log_dir}: no such folder")
     runs = stage_runs(log_dir, Path(args.runs) if args.runs else None)
     out = Path(args.out or args.runs or log_dir / "report")
     write_report(runs, out, log_dir, args.prompt, args.gen_tokens)
