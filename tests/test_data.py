@@ -441,6 +441,33 @@ def test_the_tokenizer_sample_takes_an_even_share_of_every_source_in_a_shared_fo
     assert chars == {"arxiv": 1000, "github": 1000, "wiki": 1000, "books": 1000}
 
 
+def test_the_tokenizer_sample_finds_a_source_that_only_appears_inside_later_files(tmp_path, monkeypatch):
+    """A chunk folder whose files mix alpha and beta; gamma is in the middle of files 3-5 only, never a file's
+    first document, and alpha and beta have their shares from file 0: gamma still gets its share."""
+    (tmp_path / "chunk1").mkdir()
+    for f in range(6):
+        docs = [(f"{s} {f}-{i} " + s[0] * 90, s) for i in range(40) for s in ("alpha", "beta")]
+        if f >= 3:
+            docs[10:10] = [(f"gamma {f}-{i} " + "c" * 90, "gamma") for i in range(20)]
+        write_jsonl_zst(str(tmp_path / "chunk1" / f"part-{f}.jsonl.zst"), docs)
+    seen = []
+
+    def train(texts, *args, **kwargs):
+        seen.append(list(texts))
+        raise InterruptedError
+
+    monkeypatch.setattr(SlimPajamaTokenizer, "train", train)
+    corpus = text_corpus([tmp_path], tokenizer_sample_chars=3000)
+    for _ in range(2):
+        with pytest.raises(InterruptedError):
+            corpus._train_tokenizer(corpus.files())
+    chars = Counter()
+    for text in seen[0]:
+        chars[text.split()[0]] += len(text)
+    assert chars == {"alpha": 1000, "beta": 1000, "gamma": 1000}
+    assert seen[0] == seen[1]  # deterministic
+
+
 @pytest.mark.slow
 def test_source_smaller_than_a_block_raises(prepared):
     dm = SlimPajamaDataModule(prepared.corpus, seq_len=100_000, cache_dir=str(prepared.cache), progress=False)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -156,6 +157,101 @@ def test_same_result_with_workers_and_rerun_skips_finished_shards(tmp_path):
     assert np.array_equal(statuses(first), statuses(third))
     assert prep(num_workers=2).run([str(tmp_path / "in")], str(tmp_path / "fresh")).to_dict()["total"] == \
         first.to_dict()["total"]  # workers do not change the result
+
+
+def _files(folder) -> dict[str, bytes]:
+    """Every file the run wrote beside its resume state: relative path -> bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".prepare" not in p.parts}
+
+
+def test_a_rerun_after_an_input_is_edited_writes_what_a_fresh_run_writes(tmp_path):
+    """Edits that keep a file's keep/remove decisions: a text replaced, only a source relabelled, and a text
+    replaced by another input's (whose copy then is the exact duplicate). Each rerun's outputs, stats and
+    manifest are a fresh run's, byte for byte."""
+    x, y, z = words(11, 80), words(12, 80), words(13, 80)
+    a, b = tmp_path / "in" / "a" / "part.jsonl", tmp_path / "in" / "b" / "part.jsonl"
+    a.parent.mkdir(parents=True)
+    b.parent.mkdir()
+
+    def put(path, *records, mtime):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.utime(path, ns=(mtime, mtime))  # a new fingerprint even within the clock's resolution
+
+    put(a, {"text": x}, {"text": z}, mtime=1)
+    put(b, {"text": y}, mtime=1)
+    out = tmp_path / "out"
+    prep().run([str(tmp_path / "in")], str(out))
+    edits = [({"text": "edited " + x}, 1), ({"text": "edited " + x, "meta": {"redpajama_set_name": "news"}}, 1),
+             ({"text": y}, 2)]  # y in a first: b's copy becomes an exact duplicate, b's output empty
+    for k, (first, written) in enumerate(edits, start=2):
+        put(a, first, {"text": z}, mtime=k)
+        p = prep()
+        p.run([str(tmp_path / "in")], str(out))
+        assert p.work_done == {"sketched": 1, "written": written}
+        prep().run([str(tmp_path / "in")], str(tmp_path / f"fresh-{k}"))
+        assert _files(out) == _files(tmp_path / f"fresh-{k}")
+    assert [(d.text, d.source) for d in read_corpus([str(out)])] == [(y, "a"), (z, "a")]
+    assert json.loads((out / "stats.json").read_text())["total"]["kept_bytes"] == len(y) + len(z)
+
+
+def test_an_input_edited_between_its_sketch_and_its_write_stops_the_run(tmp_path, monkeypatch):
+    _small_case(tmp_path / "in")
+    books = tmp_path / "in" / "books" / "part-0.jsonl.zst"
+    index = CorpusPreparer._index
+
+    def edit_then_index(self, files, *args):
+        os.utime(books, ns=(1, 1))  # its shard no longer describes it
+        return index(self, files, *args)
+
+    monkeypatch.setattr(CorpusPreparer, "_index", edit_then_index)
+    with pytest.raises(CorpusError, match=rf"{books}: the file changed while it was being prepared; rerun"):
+        prep().run([str(tmp_path / "in")], str(tmp_path / "out"))
+    monkeypatch.undo()
+    p = prep()
+    p.run([str(tmp_path / "in")], str(tmp_path / "out"))
+    assert p.work_done == {"sketched": 1, "written": 2}
+
+
+def test_an_input_with_nothing_kept_gets_an_empty_valid_output(tmp_path):
+    (tmp_path / "in" / "chat").mkdir(parents=True)
+    (tmp_path / "in" / "chat" / "short.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    (tmp_path / "in" / "chat" / "long.jsonl").write_text(json.dumps({"text": words(1, 60)}) + "\n")
+    out = tmp_path / "out"
+    prep().run([str(tmp_path / "in")], str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["outputs"].values()) == ["chat/long.jsonl.zst", "chat/short.jsonl.zst"]
+    assert all((out / name).stat().st_size > 0 for name in manifest["outputs"].values())  # a zstd frame
+    assert list(read_file(str(out / "chat" / "short.jsonl.zst"))) == []
+    assert [d.text for d in read_corpus([str(out)])] == [words(1, 60)]
+
+
+@pytest.mark.parametrize("pattern", ["*", "*/", "c*", "*/*"])
+def test_an_output_in_a_folder_a_glob_input_matches_is_refused_on_the_first_run(tmp_path, pattern):
+    """A glob's folder matches are read recursively: input=[in/*] output=in/prepared would read the prepared
+    copy back on the next run, as input=[in] would."""
+    (tmp_path / "in" / "chat").mkdir(parents=True)
+    (tmp_path / "in" / "chat" / "a.jsonl").write_text(json.dumps({"text": words(1, 60)}) + "\n")
+    with pytest.raises(CorpusError, match=r"in/cprepared is inside the input .*in/c?\*"):
+        prep().run([str(tmp_path / "in") + "/" + pattern], str(tmp_path / "in" / "cprepared"))
+    assert not (tmp_path / "in" / "cprepared").exists()
+
+
+def test_an_output_folder_holding_other_files_is_refused_unless_it_is_an_earlier_output(tmp_path):
+    _small_case(tmp_path / "in")
+    out = tmp_path / "out"
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "raw.jsonl").write_text(json.dumps({"text": words(9, 60)}) + "\n")  # another corpus
+    with pytest.raises(CorpusError, match=rf"output={out} is not empty .*holds {out}/old/raw.jsonl"):
+        prep().run([str(tmp_path / "in")], str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["old"]  # nothing written
+    (out / "old" / "raw.jsonl").unlink()
+    prep().run([str(tmp_path / "in")], str(out))  # a folder without files is fine
+    prep().run([str(tmp_path / "in")], str(out))  # so is its own output: by its .prepare/ state
+    shutil.rmtree(out / ".prepare")
+    p = prep()
+    p.run([str(tmp_path / "in")], str(out))  # or by its manifest.json
+    assert p.work_done == {"sketched": 2, "written": 2}
 
 
 def test_changed_min_chars_reuses_shards(tmp_path):

@@ -15,7 +15,6 @@ import concurrent.futures as cf
 import functools
 import glob
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -288,34 +287,22 @@ class TextCorpus(_Corpus):
         """Train on an even share of `sample_chars` characters from each source's training documents.
 
         A document's source is its record's (`meta.redpajama_set_name`), so this holds for a folder per
-        source and for SlimPajama's own layout (chunk folders whose files mix every source) alike. The
-        folders are read in turn, each until every source met in it has its share (the share shrinks as
-        sources appear; each source keeps its first documents up to the final share). Once every source
-        met in a folder has its share, a file whose first document is of a full source is passed over:
-        a folder of one source is read about as far as its share (the sample is the same as a
-        folder-by-folder one), and a folder of one file per source reaches every file."""
-        by_folder: dict[str, list[str]] = defaultdict(list)
-        for f in files:
-            by_folder[str(Path(f).parent)].append(f)
+        source and for SlimPajama's own layout (chunk folders whose files mix every source) alike, also for
+        a source met only in the middle of a later file. Since a source can first appear in any document,
+        every file is read through, in order (one pass over the corpus, as the tokenizing after it); what
+        is kept is bounded: a source takes training documents while it lacks its share as the sources met
+        so far split `sample_chars` (the share shrinks as sources appear), and keeps its first documents
+        up to the final share. The sample is deterministic."""
         texts: dict[str, list[str]] = defaultdict(list)  # source -> its documents, in file order
         chars: dict[str, int] = defaultdict(int)
         def room(source: str) -> int:  # what the source may still take of its share, as the sources met so far split it
             return self.sample_chars // len(chars.keys() | {source}) - chars[source]
 
-        for group in by_folder.values():
-            met: set[str] = set()
-            for f in group:  # whole files: a file may hold one source's documents, then another's
-                docs = read_file(f, on_bad_record=self.on_bad_record)
-                if met and all(room(s) <= 0 for s in met):  # the folder's sources so far have their shares:
-                    first = next(docs, None)  # a file whose first document is of a full source is passed over
-                    if first is None or room(first.source) <= 0:
-                        continue
-                    docs = itertools.chain([first], docs)
-                for doc in docs:
-                    met.add(doc.source)
-                    if not is_val(doc.text, self.val_fraction) and (n := room(doc.source)) > 0:
-                        texts[doc.source].append(doc.text[:n])
-                        chars[doc.source] += len(texts[doc.source][-1])
+        for f in files:
+            for doc in read_file(f, on_bad_record=self.on_bad_record):
+                if not is_val(doc.text, self.val_fraction) and (n := room(doc.source)) > 0:  # room() counts it as met
+                    texts[doc.source].append(doc.text[:n])
+                    chars[doc.source] += len(texts[doc.source][-1])
         share = self.sample_chars // max(1, len(texts))
         sample = [t for docs in texts.values() for t in _first_chars(docs, share)]
         if not sample:

@@ -15,8 +15,10 @@
    order is kept, and every removed document has a kept near-twin: the result does not depend on
    the number of workers.
 3. **write** (worker processes): re-read each file and write its kept documents (NFC text, source in
-   `meta.redpajama_set_name`) to `<output>/<path relative to the inputs' common folder>.jsonl.zst`;
-   files whose decisions did not change since a previous run are not rewritten.
+   `meta.redpajama_set_name`) to `<output>/<path relative to the inputs' common folder>.jsonl.zst`
+   (a file with none kept gives a valid empty one); a file is not rewritten when its fingerprint (as
+   its shard's) and its decisions are those its output was written with, so a rerun leaves the same
+   bytes as a fresh run into an empty folder.
 
 The cleaning before shingling and the length filter are SlimPajama's (Cerebras modelzoo,
 `slimpajama/dedup/to_hash.py` and `preprocessing/filter.py`): lower-case, ASCII punctuation removed,
@@ -25,6 +27,7 @@ runs of whitespace collapsed to one space; shingles are character 13-grams of th
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -229,6 +232,54 @@ def _input_root(arg: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
+def _glob_matches(pattern: str, path: str) -> bool:
+    """Whether `glob.glob(pattern, recursive=True)` returns `path` once it exists (both absolute): `*`, `?`
+    and `[...]` match within one name, `**` any number of names, and neither a hidden name unless written."""
+    def match(pp: tuple, qq: tuple) -> bool:
+        if not pp:
+            return not qq
+        if pp[0] == "**":
+            return match(pp[1:], qq) or (bool(qq) and not qq[0].startswith(".") and match(pp, qq[1:]))
+        if not qq:
+            return False
+        if glob.has_magic(pp[0]):
+            ok = fnmatch.fnmatchcase(qq[0], pp[0]) and (pp[0].startswith(".") or not qq[0].startswith("."))
+        else:
+            ok = qq[0] == pp[0]
+        return ok and match(pp[1:], qq[1:])
+
+    return match(Path(pattern).parts, Path(path).parts)
+
+
+def _reads_back(arg: str, output: str, names: Iterable[str]) -> bool:
+    """Whether the input `arg`, given again (a rerun, `data.paths`), would read what is written to `output`
+    (the files `names` in it): a folder, or a `**` glob, walks its folder; any other glob walks the
+    folders it matches (as `reader.resolve_paths`) and reads the files it matches."""
+    path = os.path.abspath(os.path.expanduser(str(arg)))
+    if os.path.isdir(path) or "**" in str(arg):
+        folder = _input_root(arg)
+        return output == folder or output.startswith(folder + os.sep)
+    if not glob.has_magic(path):
+        return False
+    depth = len(Path(output).parts)
+    written = {d for n in names for d in (Path(output, n), *Path(output, n).parents) if len(d.parts) > depth}
+    return any(_glob_matches(path, str(p)) for p in (Path(output), *Path(output).parents, *written))
+
+
+def _foreign_file(output: str) -> str | None:
+    """A file under `output` when it is a folder that holds files but no earlier run of this tool (its
+    `.prepare/` state or its `manifest.json`); None otherwise (also for a folder of empty folders)."""
+    out = Path(output)
+    if not out.is_dir() or (out / STATE_DIR).is_dir():
+        return None
+    try:
+        if "outputs" in json.loads((out / "manifest.json").read_text()):
+            return None
+    except (OSError, ValueError, TypeError):
+        pass
+    return next((str(p) for p in out.rglob("*") if not p.is_dir()), None)
+
+
 def _output_name(path: str, root: str) -> str:
     rel = os.path.relpath(path, root)
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
@@ -283,8 +334,12 @@ def _sketch_file(job: tuple) -> tuple[str, int, int]:
 
 
 def _write_file(job: tuple) -> tuple[str, int]:
-    """Pass 3 for one file: re-read it and write the documents whose status is KEPT."""
-    path, out_path, status, lines, on_bad_record, level = job
+    """Pass 3 for one file: re-read it and write the documents whose status is KEPT (none: an empty
+    .jsonl.zst, still one zstd frame)."""
+    path, out_path, status, lines, fingerprint, on_bad_record, level = job
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (fingerprint["size"], fingerprint["mtime_ns"]):
+        raise CorpusError(f"{path}: the file changed while it was being prepared; rerun")
     docs = read_file(path, on_bad_record=on_bad_record)
 
     def kept():
@@ -444,16 +499,19 @@ class CorpusPreparer:
         inside = [f for f in files if f == output or f.startswith(output + os.sep)]
         if inside:
             raise CorpusError(f"output={output} holds input files ({inside[0]}, ...): choose another output folder")
-        for i in inputs:  # a folder (or a ** glob) would read the output back as input on the next run
-            folder, walked = _input_root(i), os.path.isdir(os.path.expanduser(i)) or "**" in i
-            if walked and (output == folder or output.startswith(folder + os.sep)):
-                raise CorpusError(f"output={output} is inside the input {i}: a later run, or data.paths={i}, would "
-                                  "read the prepared copy as input too. Choose an output folder outside it")
         root = os.path.commonpath([_input_root(i) for i in inputs])
         names = {f: _output_name(f, root) for f in files}
+        for i in inputs:  # a folder, or a glob matching a folder above the output, would read the output back
+            if _reads_back(i, output, names.values()):
+                raise CorpusError(f"output={output} is inside the input {i}: a later run, or data.paths={i}, would "
+                                  "read the prepared copy as input too. Choose an output folder outside it")
         clashes = [n for n, c in Counter(names.values()).items() if c > 1]
         if clashes:
             raise CorpusError(f"two inputs would both be written to {output}/{clashes[0]} (e.g. x.jsonl and x.jsonl.zst)")
+        foreign = _foreign_file(output)
+        if foreign:  # data.paths=[output] would read it as corpus too, and a clashing name would be overwritten
+            raise CorpusError(f"output={output} is not empty and is not an earlier output of prepare.py (it holds "
+                              f"{foreign}): choose an empty or new output folder")
         state = Path(output) / STATE_DIR
         (state / "shards").mkdir(parents=True, exist_ok=True)
         (state / "written").mkdir(exist_ok=True)
@@ -554,24 +612,28 @@ class CorpusPreparer:
         return stats, decisions
 
     def _write(self, files, names, output, state: Path, decisions, pool, bar) -> None:
+        """Write each file's output unless its marker shows it was written from this very input (the
+        fingerprint its shard was sketched from: path, size, mtime, settings) with these decisions."""
         jobs, markers = [], {}
         for path, status in zip(files, decisions):
             out_path = os.path.join(output, names[path])
-            marker = {"input": path, "output": names[path], "kept": int((status == KEPT).sum()),
-                      "level": self.compression_level,
+            shard = state / "shards" / f"{_key(path)}.npz"
+            with np.load(shard) as z:
+                fingerprint = json.loads(str(z["info"]))["fingerprint"]
+            marker = {"input": path, "fingerprint": fingerprint, "output": names[path],
+                      "kept": int((status == KEPT).sum()), "level": self.compression_level,
                       "decisions": hashlib.blake2b(status.tobytes(), digest_size=16).hexdigest()}
             marker_path = state / "written" / f"{_key(path)}.json"
-            done = marker_path.exists() and json.loads(marker_path.read_text()) == marker
-            if done and (os.path.exists(out_path) or marker["kept"] == 0):
+            try:
+                done = json.loads(marker_path.read_text()) == marker and os.path.exists(out_path)
+            except (OSError, ValueError):  # none yet, or a damaged one: write
+                done = False
+            if done:
                 continue
             markers[path] = (marker_path, marker)
-            if marker["kept"] == 0:  # nothing to write; drop an older output of this input
-                if os.path.exists(out_path):
-                    os.remove(out_path)
-                _atomic_json(marker_path, marker)
-                continue
-            lines = np.load(state / "shards" / f"{_key(path)}.npz")["line"]
-            jobs.append((path, out_path, status, lines, self.on_bad_record, self.compression_level))
+            with np.load(shard) as z:
+                lines = z["line"]
+            jobs.append((path, out_path, status, lines, fingerprint, self.on_bad_record, self.compression_level))
         task = bar.add_task("write (jsonl.zst)", total=sum(os.path.getsize(j[0]) for j in jobs) or 1)
         for path, _ in pool.imap_unordered(_write_file, jobs):
             marker_path, marker = markers[path]
