@@ -347,6 +347,9 @@ def test_guidance_scale_matches_the_formula_and_one_is_plain():
     cond, uncond = torch.tensor([[1, 5, 9, 11]]), torch.tensor([[1, 11]])
     plain = model.generate(cond, max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(cond, max_new_tokens=6, do_sample=False, guidance_scale=1.0), plain)
+    for bad in (float("nan"), float("inf"), "2"):  # NaN used to decode garbage from NaN scores
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            model.generate(cond, max_new_tokens=2, guidance_scale=bad, negative_prompt_ids=uncond)
     guided = model.generate(cond, max_new_tokens=6, do_sample=False, guidance_scale=3.0, negative_prompt_ids=uncond)
     # reference: every step from two full forward passes, no cache
     seq, neg = cond.clone(), uncond.clone()

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from slimpajama.checks import is_whole_number
+from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.model import (
     DECODE_KERNELS, DECODE_MAX_ROWS, Linear, check_decode_kernel, inference_without_autocast,
 )
@@ -599,6 +599,8 @@ def generate(
         raise ValueError("streamer works with one sequence at a time (batch size 1, num_return_sequences 1)")
     n_rows = input_ids.size(0)  # the sequences returned; with guidance the batch also holds their unconditional twins
     prompt_len = input_ids.size(1)  # a longer negative prompt widens the batch: the returned rows drop that padding
+    if guidance_scale is not None and not is_finite_number(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1: plain conditioning), got {guidance_scale!r}")
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided:
         input_ids, attention_mask = _with_unconditional(
