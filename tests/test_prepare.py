@@ -245,6 +245,8 @@ def test_an_output_folder_holding_other_files_is_refused_unless_it_is_an_earlier
     with pytest.raises(CorpusError, match=rf"output={out} is not empty .*holds {out}/old/raw.jsonl"):
         prep().run([str(tmp_path / "in")], str(out))
     assert sorted(p.name for p in out.iterdir()) == ["old"]  # nothing written
+    with pytest.raises(CorpusError, match=rf"output={out / 'old' / 'raw.jsonl'} is a file"):  # was a raw FileExistsError
+        prep().run([str(tmp_path / "in")], str(out / "old" / "raw.jsonl"))
     (out / "old" / "raw.jsonl").unlink()
     prep().run([str(tmp_path / "in")], str(out))  # a folder without files is fine
     prep().run([str(tmp_path / "in")], str(out))  # so is its own output: by its .prepare/ state

@@ -496,6 +496,8 @@ class CorpusPreparer:
             raise CorpusError("input=[]: give at least one file, folder or glob of corpus files")
         files = resolve_paths(inputs)
         output = os.path.abspath(os.path.expanduser(str(output)))
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise CorpusError(f"output={output} is a file: give a folder to write the prepared corpus into")
         inside = [f for f in files if f == output or f.startswith(output + os.sep)]
         if inside:
             raise CorpusError(f"output={output} holds input files ({inside[0]}, ...): choose another output folder")
