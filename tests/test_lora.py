@@ -32,6 +32,19 @@ def test_adapters_start_as_the_model_and_freeze_everything_else():
     assert lora.lora_A.shape == (4, 32) and lora.lora_B.shape == (lora.base.out_features, 4) and lora.scaling == 2.0
 
 
+def test_adapters_join_an_eval_mode_model_in_eval_mode():
+    """Dropout in adapters added to a model in eval mode is off (it was on: two forwards differed)."""
+    model, x = tiny_model().eval(), torch.randint(0, 64, (2, 10))
+    apply_lora(model, rank=4, alpha=8, dropout=0.5)
+    for lora in (m for m in model.modules() if isinstance(m, LoRALinear)):
+        torch.nn.init.normal_(lora.lora_B)  # a trained update, so that dropout would show
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # in training, dropout draws
+
+
 def test_merge_folds_the_low_rank_update_into_a_plain_linear():
     model, x = tiny_model(), torch.randint(0, 64, (2, 10))
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -11,14 +11,18 @@ loss guard, and the W&B run id carried over on resume.
   error naming the step and the last good checkpoint (which is left untouched).
 - `RunIdentity` (added by the pipeline): stores the W&B run id in every checkpoint, and
   `logger_ids(ckpt_path)` reads it back, so a resumed run continues the same W&B run.
+- `RngState` (added by the pipeline): stores the random generators' states in every checkpoint and
+  puts them back before a resumed run's first training batch, so dropout draws what it would have.
 """
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_KEY = "slimpajama_model_config"
 RUN_IDS_KEY = "slimpajama_logger_ids"  # checkpoint key: {"wandb": "<run id>"}
+RNG_KEY = "slimpajama_rng_states"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -114,6 +119,48 @@ class FiniteLossCheck(L.Callback):
             f"the optimizer step. Last good checkpoint: {good[0] if good else 'none saved yet'}. "
             "Lower the learning rate, check the data, or use trainer.precision=bf16-mixed instead of 16-mixed."
         )
+
+
+def rng_states() -> dict:
+    """Python's, NumPy's, torch's CPU and every CUDA device's generator states, as plain lists and tuples
+    (no tensors: a sharded checkpoint keeps them with its metadata)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+              "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+class RngState(L.Callback):
+    """The generators' states (`rng_states`) in every checkpoint, put back just before the first training
+    batch of a run resumed from it: after a restore Lightning, the data loaders and the sanity check draw
+    numbers of their own, and `seed_everything` alone would replay the first steps' dropout masks. With
+    dropout, a resumed run then gives the uninterrupted run's losses, as without it."""
+
+    def __init__(self):
+        self._restore: Optional[dict] = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._restore = checkpoint.get(RNG_KEY)  # a checkpoint from before this callback has none
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._restore is not None:
+            set_rng_states(self._restore)
+            self._restore = None
 
 
 class RunIdentity(L.Callback):

@@ -34,6 +34,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)  # in the mode of the model it joins: no dropout in an eval-mode model
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from slimpajama.checkpointing import RunIdentity, checkpoint_state, logger_ids
+from slimpajama.checkpointing import RngState, RunIdentity, checkpoint_state, logger_ids
 from slimpajama.checks import is_finite_number, is_whole_number
 from slimpajama.fsdp import full_model
 from slimpajama.pretrained import write_together
@@ -224,7 +224,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
         _keep_the_runs_models(cfg, state)
     datamodule = instantiate(cfg.data.module)
     module = instantiate(cfg.stage.module)
-    callbacks = _objects(cfg.get("callbacks")) + [RunIdentity()]
+    callbacks = _objects(cfg.get("callbacks")) + [RunIdentity(), RngState()]
     loggers = _objects(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
