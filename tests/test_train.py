@@ -39,6 +39,17 @@ def test_fast_dev_run_writes_model_metrics_and_latest(tiny_overrides, tmp_path):
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] <= ids.shape[1] + 4
 
 
+def test_no_stray_checkpoints_and_the_progress_bar_switch(tiny_overrides, tmp_path):
+    """debug=fdr with the default callbacks writes no last.ckpt (a later ckpt_path=last resumed from its one
+    step); callbacks=none writes no checkpoint at all (Lightning added its own); and
+    trainer.enable_progress_bar=false works with the default callbacks (their progress bar was refused)."""
+    _, _, fdr = train(tiny_overrides + ["debug=fdr", "callbacks=default", "trainer.enable_progress_bar=false"],
+                      tmp_path / "fdr")
+    assert (fdr / "model" / "config.json").is_file() and not list(fdr.rglob("*.ckpt"))
+    _, _, plain = train(tiny_overrides + ["trainer.max_steps=2"], tmp_path / "none")  # TINY: callbacks=none
+    assert not list(plain.rglob("*.ckpt"))
+
+
 def test_training_lowers_the_loss_and_logs_namespaced_metrics(tiny_overrides, tmp_path):
     overrides = tiny_overrides + ["trainer.max_steps=30", "trainer.val_check_interval=10", "callbacks=default",
                                   "callbacks.throughput.peak_flops=1e11", "~callbacks.progress_bar"]

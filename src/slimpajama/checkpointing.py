@@ -87,6 +87,10 @@ class ResumeCheckpoint(ModelCheckpoint):
         if final and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:  # a debug=fdr run's one step must not become the stage's last.ckpt
+            super().on_train_end(trainer, pl_module)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.fast_dev_run:
             return

@@ -18,6 +18,7 @@ from typing import Optional
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -225,8 +226,12 @@ def _run(cfg: DictConfig) -> Optional[float]:
     datamodule = instantiate(cfg.data.module)
     module = instantiate(cfg.stage.module)
     callbacks = _objects(cfg.get("callbacks")) + [RunIdentity(), RngState()]
+    if cfg.trainer.get("enable_progress_bar") is False:  # a progress bar callback would make Lightning refuse it
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _objects(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # no checkpoint callback chosen (callbacks=none): no checkpoints, rather than Lightning's default one
+    checkpointing = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks) else {"enable_checkpointing": False}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **checkpointing)
 
     n_params = module.model.num_params()
     log.info("model: %.2fM parameters (%.2fM without embeddings)", n_params / 1e6, module.model.num_params(True) / 1e6)

@@ -180,7 +180,7 @@ def read_file(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            bad("invalid_json", f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
+            bad("invalid_json", f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})")
             continue
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
