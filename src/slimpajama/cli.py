@@ -22,7 +22,14 @@ from typing import Optional, Union
 
 import torch
 
-from slimpajama.generation import TextStreamer, check_template, continuation_ids, encode_prompt, prompt_template
+from slimpajama.generation import (
+    TextStreamer,
+    check_template,
+    continuation_ids,
+    encode_prompt,
+    is_guided,
+    prompt_template,
+)
 from slimpajama.pretrained import SlimPajamaModel
 from slimpajama.tokenizer import SlimPajamaTokenizer
 
@@ -146,11 +153,6 @@ def complete(model, tokenizer, prompt: Union[str, list[int]], kwargs: dict, stre
     return texts
 
 
-def guided(kwargs: dict) -> bool:
-    """Whether `kwargs` ask for classifier-free guidance (generate's rule: a scale other than None or 1)."""
-    return kwargs.get("guidance_scale") not in (None, 1.0)
-
-
 def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None) -> None:
     """Turns are `template` (control + the user's line, encoded as fine-tuning encoded its prompts) followed
     by the model's reply; a reply ends at a newline or EOS, and is `--max-new-tokens` long at most (default
@@ -195,8 +197,8 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
         ids = encode_prompt(tokenizer, template, control, line)[1:] + ([] if template.endswith("\n") else newline)
         if len(ids) <= room:
             return ids
-        keep = room - len(tail)
-        while keep > head(control) and ids[keep] in continuation:  # the next id would end the kept part mid-character
+        keep, least_kept = room - len(tail), head(control)
+        while keep > least_kept and ids[keep] in continuation:  # the next id would end the kept part mid-character
             keep -= 1
         return ids[:keep] + tail
 
@@ -216,7 +218,7 @@ def chat(model, tokenizer, args, kwargs: dict, template: str, inp=None, out=None
         if not line.strip():
             return
         prompt = window(history, turn(control, line.strip()))
-        negative = window(history, turn("", line.strip())) if guided(kwargs) else None
+        negative = window(history, turn("", line.strip())) if is_guided(kwargs.get("guidance_scale")) else None
         replies: list = []
         complete(model, tokenizer, prompt, kwargs, stream=not args.no_stream, out=out, new_ids=replies,
                  negative=negative)
@@ -268,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     # as fine-tuning built its prompts: the control a token, the text plain (a "</s>" in it is text)
     prompt = encode_prompt(tokenizer, template, args.control or "", text)
-    negative = encode_prompt(tokenizer, template, "", text) if guided(kwargs) else None  # as evaluation's "guided"
+    guided = is_guided(kwargs.get("guidance_scale"))
+    negative = encode_prompt(tokenizer, template, "", text) if guided else None  # as evaluation's "guided"
     complete(model, tokenizer, prompt, kwargs, stream=not args.no_stream, negative=negative)
     return 0
 

@@ -38,6 +38,11 @@ DEFAULT_TEMPLATE = "{control}{input}"  # the prompt of a model whose generation_
 log = logging.getLogger(__name__)
 
 
+def is_guided(guidance_scale: Optional[float]) -> bool:
+    """Whether `generate` runs classifier-free guidance: a scale other than None or 1."""
+    return guidance_scale is not None and guidance_scale != 1.0
+
+
 # ---- prompts ---------------------------------------------------------------------------------------
 def prompt_template(model) -> str:
     """The model's prompt template: the fine-tuning stage saves it in generation_config.json, so a
@@ -601,7 +606,7 @@ def generate(
     prompt_len = input_ids.size(1)  # a longer negative prompt widens the batch: the returned rows drop that padding
     if guidance_scale is not None and not is_finite_number(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number (1: plain conditioning), got {guidance_scale!r}")
-    guided = guidance_scale is not None and guidance_scale != 1.0
+    guided = is_guided(guidance_scale)
     if guided:
         input_ids, attention_mask = _with_unconditional(
             input_ids, attention_mask, negative_prompt_ids, negative_prompt_attention_mask, num_return_sequences, pad
