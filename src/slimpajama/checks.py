@@ -11,3 +11,11 @@ def is_finite_number(value) -> bool:
 def is_whole_number(value) -> bool:
     """An int, not a bool (True is an int to Python, but no count) nor a float or string from a YAML typo."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def refuse_changed_settings(changed: list[str]) -> None:
+    """A resume whose data settings differ from its checkpoint's (`changed`: "<key> (was x, now y)" each)
+    is refused: the loader's position in the checkpoint means nothing under other settings."""
+    if changed:
+        raise ValueError(f"the checkpoint was saved with other data settings: {'; '.join(changed)}. Resume with "
+                         "the original data settings, or start a new run (without ckpt_path)")

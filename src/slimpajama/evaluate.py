@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from slimpajama.data.corpus import progress_bar
-from slimpajama.data.finetune import encode_example, encode_prompt, fit_prompt
+from slimpajama.data.finetune import cut_prompt, encode_example, encode_output, encode_prompt, fit_prompt
 from slimpajama.data.tasks import DEFAULT_TEMPLATE, TaskSet, load_task
 from slimpajama.losses import IGNORE_INDEX, lm_loss
 
@@ -185,11 +185,9 @@ def label_scores(model, tokenizer, template: str, ex: dict, labels: Sequence[str
     """Total log-likelihood of each label (its tokens and eos) as the output for example `ex`, every label
     after the same prompt: when prompt and the longest label exceed `max_len`, cut to half of it as
     `encode_example` cuts a prompt (the input's end goes)."""
-    outputs = [tokenizer.encode_continuation(lab, split_special_tokens=True) + [tokenizer.eos_token_id]
-               for lab in labels]
+    outputs = [encode_output(tokenizer, lab) for lab in labels]
     prompt = encode_prompt(tokenizer, template, ex["control"], ex["input"])
-    if len(prompt) + max(map(len, outputs)) > max_len:  # as encode_example cuts a prompt, for every label
-        prompt = fit_prompt(tokenizer, template, prompt, max_len // 2)
+    prompt = cut_prompt(tokenizer, template, prompt, max(map(len, outputs)), max_len)  # one prompt for every label
     kept = [out[: max_len - len(prompt)] for out in outputs]
     items = [(prompt + out, [IGNORE_INDEX] * len(prompt) + out) for out in kept]
     scores = []

@@ -27,7 +27,7 @@ import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
-from slimpajama.checks import is_finite_number, is_whole_number
+from slimpajama.checks import is_finite_number, is_whole_number, refuse_changed_settings
 from slimpajama.data.corpus import MarkovCorpus, PreparedCorpus, TextCorpus
 from slimpajama.data.reader import CorpusError
 
@@ -214,9 +214,7 @@ class SlimPajamaDataModule(L.LightningDataModule):
             changed.append(f"data.weights (the training mix was {_mix(saved['weights'])}, now {_mix(now['weights'])})")
         changed += [f"data.{key} (was {saved[key]}, now {now[key]})" for key in ("seq_len", "batch_size")
                     if saved[key] != now[key]]
-        if changed:
-            raise ValueError(f"the checkpoint was saved with other data settings: {'; '.join(changed)}. Resume "
-                             "with the original data settings, or start a new run (without ckpt_path)")
+        refuse_changed_settings(changed)
 
     def _resume_settings(self) -> dict[str, Any]:
         return {"weights": dict(self.train_weights), "seq_len": self.seq_len, "batch_size": self.batch_size}

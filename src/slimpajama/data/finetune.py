@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from slimpajama.checks import is_finite_number, is_whole_number
+from slimpajama.checks import is_finite_number, is_whole_number, refuse_changed_settings
 from slimpajama.data.tasks import BUILT_IN, DEFAULT_TEMPLATE, TaskSet, build_tasks, user_task
 from slimpajama.generation import check_template, encode_prompt
 from slimpajama.losses import IGNORE_INDEX
@@ -50,15 +50,25 @@ def fit_prompt(tokenizer: SlimPajamaTokenizer, template: str, prompt: list[int],
     return prompt[: len(prompt) - len(tail)][: limit - len(tail)] + tail
 
 
+def encode_output(tokenizer: SlimPajamaTokenizer, text: str) -> list[int]:
+    """An output's ids as fine-tuning trains on them: its text as plain text, then eos."""
+    return tokenizer.encode_continuation(text, split_special_tokens=True) + [tokenizer.eos_token_id]
+
+
+def cut_prompt(tokenizer: SlimPajamaTokenizer, template: str, prompt: list[int], output_len: int, max_len: int) -> list[int]:
+    """The prompt of an example whose output has `output_len` ids: whole when both fit in `max_len`, else
+    cut to half of it (`fit_prompt`: its input's end goes)."""
+    return prompt if len(prompt) + output_len <= max_len else fit_prompt(tokenizer, template, prompt, max_len // 2)
+
+
 def encode_example(tokenizer: SlimPajamaTokenizer, template: str, ex: dict, max_len: int) -> tuple[list[int], list[int], bool]:
     """(ids, labels, truncated): labels are IGNORE_INDEX on the prompt. At most `max_len` ids: a long
     prompt is cut to half of them (its input's end goes), then the output's end."""
     prompt = encode_prompt(tokenizer, template, ex["control"], ex["input"])
-    output = tokenizer.encode_continuation(ex["output"], split_special_tokens=True) + [tokenizer.eos_token_id]
+    output = encode_output(tokenizer, ex["output"])
     truncated = len(prompt) + len(output) > max_len
-    if truncated:
-        prompt = fit_prompt(tokenizer, template, prompt, max_len // 2)
-        output = output[: max_len - len(prompt)]
+    prompt = cut_prompt(tokenizer, template, prompt, len(output), max_len)
+    output = output[: max_len - len(prompt)]
     return prompt + output, [IGNORE_INDEX] * len(prompt) + output, truncated
 
 
@@ -217,9 +227,7 @@ class ResumableTaskLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("settings", {})
         changed = [f"{k} (was {saved[k]}, now {v})" for k, v in self.settings.items() if k in saved and saved[k] != v]
-        if changed:
-            raise ValueError(f"the checkpoint was saved with other data settings: {'; '.join(changed)}. Resume with "
-                             "the original data settings, or start a new run (without ckpt_path)")
+        refuse_changed_settings(changed)
         if self._resumable is None or "consumed" not in state:
             log.warning("resuming the fine-tuning data from the start of its pass: the checkpoint or the sampler "
                         "has no position in it")
