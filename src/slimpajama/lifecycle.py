@@ -107,9 +107,9 @@ def run_lifecycle(cfg: DictConfig) -> dict:
         raise ValueError(f"pipeline.stages: unknown stages {unknown}; the stages are {', '.join(PIPELINE)}")
     runs, timings = {}, {}
     for stage in [s for s in PIPELINE if s in stages]:  # always in the pipeline's order
-        overrides = [*(cfg.pipeline.get("common") or []), *(stages[stage] or []), *user_overrides(given, stage)]
-        cmd = stage_command(cfg, stage, stages[stage], out, group,
-                            user_overrides(given, stage) + input_override(stage, overrides, runs))
+        extra = user_overrides(given, stage)
+        extra += input_override(stage, [*(cfg.pipeline.get("common") or []), *(stages[stage] or []), *extra], runs)
+        cmd = stage_command(cfg, stage, stages[stage], out, group, extra)
         log.info("pipeline: %s\n  %s", stage, " ".join(cmd))
         start = time.perf_counter()
         returncode = run_stage(cmd, {**os.environ, "SLIMPAJAMA_ROOT": str(cfg.paths.root_dir)})
