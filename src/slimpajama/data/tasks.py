@@ -124,11 +124,11 @@ def split_passages(build: Callable[[dict], list[dict]], passages: dict[str, list
                    test_fraction: float) -> dict[str, list[dict]]:
     """The examples `build` makes of each split's passages: a passage's split is a hash of the passage
     alone, so it is the same for every task built from it."""
-    out = {}
-    for split in SPLITS:
-        part = {s: [p for p in ps if _split(p, val_fraction, test_fraction) == split] for s, ps in passages.items()}
-        out[split] = list(_unique(build(part)))
-    return out
+    parts = {split: {s: [] for s in passages} for split in SPLITS}
+    for s, ps in passages.items():
+        for p in ps:
+            parts[_split(p, val_fraction, test_fraction)][s].append(p)
+    return {split: list(_unique(build(part))) for split, part in parts.items()}
 
 
 def save_task(directory: Path, task: TaskSet, split: str = "example") -> None:
