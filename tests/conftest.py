@@ -178,3 +178,20 @@ def op_calls(fn) -> dict[str, int]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return {e.key: e.count for e in prof.key_averages()}
+
+
+def write_shards(folder: Path) -> None:
+    """A model folder's model.safetensors as transformers writes a large model: two shards, every other
+    tensor each, and model.safetensors.index.json naming them (model.safetensors removed)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names, weight_map = sorted(sd), {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import op_calls
+from conftest import op_calls, write_shards
 from slimpajama import SlimPajamaConfig, SlimPajamaModel
 from slimpajama.lora import apply_lora, merge_lora
 from slimpajama.model import Block, Linear, RMSNorm, apply_rope
@@ -293,6 +293,27 @@ def test_save_load_roundtrip_identical_logits(tmp_path):
     x = torch.randint(0, 97, (2, 16))
     assert torch.equal(model(x), loaded(x))
     assert loaded.config == model.config
+
+
+def test_sharded_folder_loads_and_saving_over_it_removes_the_old_shards(tmp_path):
+    """A folder in transformers' sharded layout (an index naming two shards) loads to the same logits;
+    saving another model over it leaves one model.safetensors and none of the old index or shards,
+    which vLLM would read (it globs *.safetensors, filtered by the index), and keeps the other files."""
+    torch.manual_seed(0)
+    model = SlimPajamaModel(tiny()).eval()
+    model.save_pretrained(tmp_path)
+    write_shards(tmp_path)
+    assert (tmp_path / "model-00002-of-00002.safetensors").is_file()
+    (tmp_path / "notes.safetensors").write_bytes(b"not a shard of the index")
+    x = torch.randint(0, 97, (2, 16))
+    assert torch.equal(SlimPajamaModel.from_pretrained(tmp_path)(x), model(x))
+
+    torch.manual_seed(1)
+    other = SlimPajamaModel(tiny()).eval()
+    other.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "notes.safetensors"]
+    assert torch.equal(SlimPajamaModel.from_pretrained(tmp_path)(x), other(x))
 
 
 def test_saved_folder_uses_llama_layout(tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, write_shards
 from slimpajama import SlimPajamaConfig, SlimPajamaModel, pruning
 from slimpajama.pipeline import run
 
@@ -458,15 +458,7 @@ def test_the_dense_file_size_is_counted_for_a_registry_name_and_for_shards(teach
     assert "prune/ppl_final" in metrics and "prune/ppl_recovered" not in metrics  # no recovery ran
     sharded = tmp_path / "sharded"  # the same weights in two shards and an index, as transformers writes them
     shutil.copytree(dense_folder, sharded)
-    sd = load_file(sharded / "model.safetensors")
-    (sharded / "model.safetensors").unlink()
-    names = sorted(sd)
-    weight_map = {}
-    for i, part in enumerate((names[::2], names[1::2])):
-        shard = f"model-0000{i + 1}-of-00002.safetensors"
-        save_file({k: sd[k] for k in part}, str(sharded / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(sharded)
     metrics, _ = prune_run(teacher, [*overrides, f"stage.module.init_from={sharded}"], tmp_path / "shards", corpus_dir)
     shards = sum(f.stat().st_size for f in sharded.glob("model-*.safetensors"))
     assert metrics["prune/file_bytes_dense"] == shards

@@ -153,6 +153,24 @@ def write_together(writes: dict) -> None:
         os.replace(tmp, path)
 
 
+def remove_stale_shards(directory: Path) -> None:
+    """After a save of one model.safetensors, a sharded model's index and the shards it names, left in the
+    folder by an earlier save (transformers', of a large model): vLLM reads every `*.safetensors` of a
+    folder, filtered by the index when there is one, so it would read the old weights, or none of the new.
+    Only the index's own shards go (plain names in the folder); any other file stays."""
+    index = directory / WEIGHTS_INDEX
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: the index alone goes
+        shards = set()
+    for shard in shards:
+        if isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard != WEIGHTS_FILE:
+            (directory / shard).unlink(missing_ok=True)
+    index.unlink()
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a model folder: model.safetensors, or the shards its index names (as
     transformers writes large models). A folder with neither is an error that names any pickles there."""
@@ -191,6 +209,7 @@ class SlimPajamaModel(Transformer):
             directory / CONFIG_FILE: lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"),
             directory / GENERATION_CONFIG_FILE: lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"),
         })
+        remove_stale_shards(directory)
 
     @property
     def device(self) -> torch.device:
